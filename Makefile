@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch goes in first and pinned: a bare `torch` requirement on a machine without it pulls the CUDA build.
+# On a CPU-only Linux box elsewhere, add: TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup quickstart test clean
+
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) $(TORCH_INDEX)
+	$(BIN)/pip install -q -r requirements-lock.txt
+	$(BIN)/pip install -q -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(BIN)/tuneforge finetune -c recipes/quickstart.yaml --overwrite
+	@echo
+	@echo "== answers of the fine-tuned model on SQuAD dev questions =="
+	$(BIN)/tuneforge generate --run runs/quickstart --examples 5 --max-new-tokens 24
+
+# pytest's exit code 5 (no test collected) counts as a failure.
+test: setup
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from tuneforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""Resumable training state, written atomically.
+
+checkpoints/step_N/ holds the trainable weights (safetensors), the optimizer, scheduler, RNG and data-loader state
+(torch.save, loaded with weights_only=True) and a manifest of file sizes and hashes. It is written to a temporary
+directory and renamed into place, then LATEST is replaced atomically, so a crash at any moment leaves the newest
+complete checkpoint discoverable."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge.errors import UserError
+
+log = logging.getLogger("tuneforge")
+
+WEIGHTS, STATE, MANIFEST, LATEST = "trainable.safetensors", "state.pt", "manifest.json", "LATEST"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loader, meta: dict,
+                    keep_last: int | None) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step}"
+    tmp = ckpt_root / f".tmp-step_{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), tmp / WEIGHTS)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
+    files = {}
+    for f in (WEIGHTS, STATE):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[f] = {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    _write_atomic(ckpt_root / LATEST, final.name)
+    _apply_retention(ckpt_root, keep_last, keep=final)
+    return final
+
+
+def _complete(ckpt_root: Path) -> list[Path]:
+    dirs = [d for d in ckpt_root.glob("step_*") if d.is_dir() and (d / MANIFEST).is_file()]
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
+
+
+def _apply_retention(ckpt_root: Path, keep_last: int | None, keep: Path) -> None:
+    if keep_last is None:
+        return
+    for old in _complete(ckpt_root)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file in the manifest is present with its size and hash, else what is wrong."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    for name, info in manifest.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size != info["size"]:
+            return f"{name} is missing or has the wrong size"
+        if _sha256(path) != info["sha256"]:
+            return f"{name} does not match its hash"
+    return None
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The newest intact checkpoint: LATEST's target, or an older one (with a warning) if that is damaged."""
+    if not ckpt_root.is_dir():
+        return None
+    candidates = _complete(ckpt_root)
+    pointer = ckpt_root / LATEST
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text().strip()
+        if named in candidates:
+            candidates = [c for c in candidates if c != named] + [named]
+    for ckpt in reversed(candidates):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s is damaged (%s); trying the previous one", ckpt, problem)
+    return None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
+    """Restore everything save_checkpoint wrote; returns the step to continue after."""
+    problem = verify(ckpt)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt}: {problem}")
+    weights = load_file(ckpt / WEIGHTS)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise UserError(f"checkpoint {ckpt}: does not match this model (unknown tensor {unknown[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    state = torch.load(ckpt / STATE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

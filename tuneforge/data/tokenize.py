@@ -1,0 +1,135 @@
+"""Render records with the prompt template and tokenize them with a loss mask.
+
+Labels are -100 on prompt tokens (unless train_on_inputs), so the loss sees only the completion and its eos.
+Over-long examples shorten the truncatable field (the QA context, keeping a window around the answer) or the
+left of the prompt; the completion is never cut, and examples that still do not fit are dropped and counted."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tuneforge.data.sources import Record
+from tuneforge.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
+        return f"{self.examples} examples, {self.truncated} truncated, dropped: {drops}"
+
+
+def render_prompt(template: str, record: Record, source: str) -> str:
+    try:
+        return template.format(**record.fields)
+    except KeyError as e:
+        raise UserError(f"{source}: prompt_template names field {{{e.args[0]}}}, which the records do not have "
+                        f"(available: {', '.join(sorted(record.fields))})") from None
+    except (IndexError, ValueError) as e:
+        raise UserError(f"{source}: bad prompt_template ({e})") from None
+
+
+def tokenize_records(records: list[Record], tokenizer, template: str, seq_length: int,
+                     train_on_inputs: bool = False, source: str = "data") -> tuple[list[Example], TokenizeStats]:
+    """Batched fast tokenization of prompt+completion with character offsets; the prompt/completion boundary is
+    the first token that ends past the prompt's last character (one pass, no re-tokenization of the prompt)."""
+    stats = TokenizeStats()
+    prompts = [render_prompt(template, r, source) for r in records]
+    examples: list[Example] = []
+    for start in range(0, len(records), 1024):
+        chunk = slice(start, start + 1024)
+        batch = [p + r.completion for p, r in zip(prompts[chunk], records[chunk])]
+        enc = tokenizer(batch, return_offsets_mapping=True, add_special_tokens=True)
+        for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            record, prompt = records[start + i], prompts[start + i]
+            ex = _finish(ids, offsets, len(prompt), tokenizer, train_on_inputs)
+            if len(ex.input_ids) > seq_length:
+                ex = _shorten(record, template, prompt, ex, tokenizer, seq_length, train_on_inputs, source, stats)
+                if ex is None:
+                    continue
+                stats.truncated += 1
+            if all(label == IGNORE for label in ex.labels[1:]):
+                stats.dropped["with no label tokens"] += 1
+                continue
+            examples.append(ex)
+    stats.examples = len(examples)
+    if not examples:
+        raise UserError(f"{source}: no examples left after tokenization ({stats.summary()})")
+    return examples, stats
+
+
+def _finish(ids: list[int], offsets, prompt_chars: int, tokenizer, train_on_inputs: bool) -> Example:
+    eos = tokenizer.eos_token_id
+    ids = list(ids)
+    if ids and eos is not None and ids[-1] == eos:
+        ids, offsets = ids[:-1], offsets[:-1]  # tokenizers that append eos themselves: we add it once below
+    boundary = next((k for k, (s, e) in enumerate(offsets) if e > prompt_chars and e > s), len(ids))
+    if eos is not None:
+        ids.append(eos)
+    labels = list(ids) if train_on_inputs else [IGNORE] * boundary + ids[boundary:]
+    return Example(ids, labels)
+
+
+def _encode(tokenizer, prompt: str, completion: str, train_on_inputs: bool) -> Example:
+    enc = tokenizer(prompt + completion, return_offsets_mapping=True, add_special_tokens=True)
+    return _finish(enc["input_ids"], enc["offset_mapping"], len(prompt), tokenizer, train_on_inputs)
+
+
+def _shorten(record: Record, template: str, prompt: str, ex: Example, tokenizer, seq_length: int,
+             train_on_inputs: bool, source: str, stats: TokenizeStats) -> Example | None:
+    n_completion = sum(1 for label in ex.labels if label != IGNORE) if not train_on_inputs else None
+    if n_completion is not None and n_completion + 8 > seq_length:
+        stats.dropped["completion longer than seq_length"] += 1
+        return None
+    if record.truncatable and record.truncatable in record.fields:
+        # Re-render with a shorter context; a few rounds converge because tokens ~ proportional to characters.
+        text = record.fields[record.truncatable]
+        for _ in range(6):
+            excess = len(ex.input_ids) - seq_length
+            if excess <= 0:
+                return ex
+            text = _cut_around(text, record.fields.get("answer"), excess + 2, tokenizer)
+            if not text:
+                break
+            fields = dict(record.fields, **{record.truncatable: text})
+            prompt = render_prompt(template, Record(fields, record.completion), source)
+            ex = _encode(tokenizer, prompt, record.completion, train_on_inputs)
+        if len(ex.input_ids) <= seq_length:
+            return ex
+        stats.dropped["too long after truncating the context"] += 1
+        return None
+    # No truncatable field: cut tokens from the left of the prompt, keeping a leading bos.
+    keep_bos = 1 if tokenizer.bos_token_id is not None and ex.input_ids[:1] == [tokenizer.bos_token_id] else 0
+    cut = len(ex.input_ids) - seq_length
+    ids = ex.input_ids[:keep_bos] + ex.input_ids[keep_bos + cut:]
+    labels = ex.labels[:keep_bos] + ex.labels[keep_bos + cut:]
+    return Example(ids, labels)
+
+
+def _cut_around(text: str, answer: str | None, n_tokens: int, tokenizer) -> str:
+    """Drop about n_tokens tokens from `text`, from the end if the answer stays inside, else from the start."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    offsets = enc["offset_mapping"]
+    keep = len(offsets) - n_tokens
+    if keep <= 0:
+        return ""
+    pos = text.find(answer) if answer else -1
+    if pos < 0 or offsets[keep - 1][1] >= pos + len(answer):
+        return text[: offsets[keep - 1][1]]
+    # Keep a window that ends a little after the answer.
+    end_tok = next((k for k, (s, e) in enumerate(offsets) if e >= pos + len(answer)), len(offsets) - 1)
+    last = min(len(offsets) - 1, end_tok + 16)
+    first = max(0, last - keep + 1)
+    return text[offsets[first][0]: offsets[last][1]]

@@ -1,0 +1,56 @@
+"""Load a run's final model (base + adapter, or the full model) and generate from prompts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import Config, load_config
+from tuneforge.distributed import detect_env
+from tuneforge.errors import UserError
+from tuneforge.models import load_model, load_tokenizer, resolve_precision
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--run {run_dir}: not a tuneforge run directory (no config.yaml)")
+    if not (run_dir / "final").is_dir():
+        raise UserError(f"--run {run_dir}: the run has no final/ output yet (did training finish?)")
+    return load_config(run_dir / "config.yaml", check_paths=False), run_dir / "final"
+
+
+def load_run_model(run_dir: str | Path, base: bool = False):
+    """(model, tokenizer, config) of a finished run; `base` skips the adapter (for before/after comparisons)."""
+    cfg, final = load_run(run_dir)
+    tokenizer = load_tokenizer(cfg.model, str(final))
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = load_model(cfg.model)
+        if not base:
+            model = PeftModel.from_pretrained(model, str(final))
+    elif base:
+        model = load_model(cfg.model)
+    else:
+        model = load_model(cfg.model, str(final))
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = True
+    return model.eval(), tokenizer, cfg
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             precision=None, stop_at_newline: bool = False) -> list[str]:
+    """Batched greedy generation with KV cache and left padding; returns only the new text of each prompt."""
+    precision = precision or resolve_precision("float32", detect_env().device)
+    tokenizer.padding_side = "left"
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        with precision.context():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            outputs.append(text.split("\n")[0].strip() if stop_at_newline else text)
+    return outputs

@@ -1,0 +1,3 @@
+from tuneforge.train.recipe import finetune
+
+__all__ = ["finetune"]

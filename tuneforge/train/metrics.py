@@ -1,0 +1,99 @@
+"""Where training metrics go: metrics.jsonl (always), TensorBoard, W&B, and the console."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tuneforge.config.schema import Config
+from tuneforge.errors import UserError
+
+
+def check_wandb(cfg: Config) -> None:
+    if cfg.logging.wandb is not None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("logging.wandb is set but wandb is not installed: pip install 'tuneforge[wandb]'") from None
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop lines of steps that will be run again, so the file reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class MetricsSink:
+    def __init__(self, run_dir: Path, cfg: Config, total_steps: int, start_step: int, config_dict: dict):
+        self.path = run_dir / "metrics.jsonl"
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a", buffering=1)
+        self.total = total_steps
+        self.tb = self.wandb = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if cfg.logging.wandb is not None:
+            import wandb
+            self.wandb = wandb.init(project=cfg.logging.wandb.project, name=cfg.logging.wandb.name or cfg.run.name,
+                                    config=config_dict, dir=str(run_dir), resume="allow")
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.console = Console(stderr=False)
+        self.progress = None
+        if cfg.logging.progress and self.console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.description}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+            self.progress.start()
+        self.print_every = max(1, total_steps // 10)
+        self.started = time.perf_counter()
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and self.tb is not None:
+                self.tb.add_scalar(key if "/" in key else f"train/{key}" if not key.startswith("val") else f"val/{key}",
+                                   value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=_short(metrics))
+        if step % self.print_every == 0 or step == self.total or "val_loss" in metrics:
+            self.console.print(f"step {step:>5}/{self.total}  {_short(metrics)}", highlight=False, soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _short(m: dict) -> str:
+    parts = []
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f}")
+    if "val_loss" in m:
+        parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.2e}")
+    if "tokens_per_s" in m:
+        parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)
+
