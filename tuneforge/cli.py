@@ -32,7 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ft.add_argument("--help-config", action="store_true", help="list every recipe key with its help and default")
+    add_launch_args(ft)
     ft.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    sl = sub.add_parser("slurm", help="write an sbatch script that runs a recipe on several nodes",
+                        description="Writes <run dir>/slurm.sbatch (or --out) and prints its path, so "
+                                    "`sbatch $(tuneforge slurm -c FILE --nodes 4 --gpus-per-node 8)` submits it. "
+                                    "The job requeues itself when preempted and resumes from its newest checkpoint.")
+    sl.add_argument("-c", "--config", required=True, help="recipe YAML file")
+    sl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    sl.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    sl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (training processes) per node")
+    sl.add_argument("--partition", help="Slurm partition")
+    sl.add_argument("--time", help="time limit, e.g. 24:00:00")
+    sl.add_argument("--account", help="Slurm account")
+    sl.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores per GPU (default 8)")
+    sl.add_argument("--out", help="where to write the script (default <run dir>/slurm.sbatch)")
+    sl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     gen = sub.add_parser("generate", help="generate text with a finished run's model",
                          description="Greedy generation with the run's base model and adapter (or full model).")
@@ -48,15 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-process (tuneforge starts torchrun itself)")
+    group.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="processes (GPUs) on this node")
+    group.add_argument("--nnodes", type=int, default=1, metavar="M", help="number of nodes")
+    group.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's rank (multi-node)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address (multi-node)")
+
+
 def cmd_finetune(args) -> int:
     from tuneforge.config import describe_schema, load_config
+    from tuneforge.distributed import launched_world_size
 
     if args.help_config:
         print("\n".join(describe_schema()))
         return 0
     if not args.config:
         raise UserError("finetune: -c/--config FILE is required")
-    cfg = load_config(args.config, args.overrides)
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from tuneforge.launch import launch_torchrun
+
+        load_config(args.config, args.overrides, world_size=args.nproc_per_node * args.nnodes)  # fail fast
+        return launch_torchrun(args)
+    cfg = load_config(args.config, args.overrides, world_size=launched_world_size())
     from tuneforge.train import finetune
 
     finetune(cfg, overwrite=args.overwrite)
@@ -105,7 +135,18 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate}
+def cmd_slurm(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.launch import write_slurm_script
+
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError("--nodes and --gpus-per-node must be >= 1")
+    cfg = load_config(args.config, args.overrides, world_size=args.nodes * args.gpus_per_node)
+    print(write_slurm_script(cfg, args))
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"tuneforge: error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"tuneforge: error: {rank}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tuneforge: interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ from tuneforge.errors import UserError
 log = logging.getLogger("tuneforge")
 
 WEIGHTS, STATE, MANIFEST, LATEST = "trainable.safetensors", "state.pt", "manifest.json", "LATEST"
+SHARDED = "dcp"  # torch.distributed.checkpoint directory of a multi-process run (model/adapter + optimizer shards)
 
 
 def rng_state() -> dict:
@@ -69,21 +70,58 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loader, meta: dict,
                     keep_last: int | None) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step}"
-    tmp = ckpt_root / f".tmp-step_{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Single process: trainable weights as safetensors, the rest with torch.save (tensors and plain data only)."""
+    tmp = _fresh_tmp(ckpt_root, step)
     save_file(trainable_state(model), tmp / WEIGHTS)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
+    return _publish(ckpt_root, tmp, step, meta, keep_last)
+
+
+def save_sharded_checkpoint(ckpt_root: Path, step: int, module, optimizer, scheduler, loader, meta: dict,
+                            keep_last: int | None, env) -> Path | None:
+    """Every rank writes its shards of the trainable weights and optimizer state (torch.distributed.checkpoint)
+    and its own data position and RNG; rank 0 then hashes, publishes and points LATEST at it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from tuneforge.distributed import barrier
+
+    tmp = _fresh_tmp(ckpt_root, step, shared=True, env=env)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    torch.save({"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+                "step": step}, tmp / f"rank_{env.rank}.pt")
+    barrier(env)
+    final = _publish(ckpt_root, tmp, step, {**meta, "world_size": env.world_size}, keep_last) if env.is_main else None
+    barrier(env)
+    return final
+
+
+def _fresh_tmp(ckpt_root: Path, step: int, shared: bool = False, env=None) -> Path:
+    """A new temporary directory beside the checkpoints (one per save; shared by all ranks when `shared`)."""
+    tmp = ckpt_root / (f".tmp-step_{step}" if shared else f".tmp-step_{step}-{os.getpid()}")
+    if not shared or env.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if shared:
+        from tuneforge.distributed import barrier
+        barrier(env)
+    return tmp
+
+
+def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int | None) -> Path:
+    """fsync every file, record sizes and hashes, rename into place, then move LATEST: a crash at any point
+    leaves either the previous or the new checkpoint complete and findable."""
     files = {}
-    for f in (WEIGHTS, STATE):
-        with open(tmp / f, "rb") as fh:
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-        files[f] = {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
     _fsync_dir(tmp)
+    final = ckpt_root / f"step_{step}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -139,11 +177,44 @@ def find_latest(ckpt_root: Path) -> Path | None:
     return None
 
 
+def load_sharded_checkpoint(ckpt: Path, module, optimizer, scheduler, loader, env) -> int:
+    """Counterpart of save_sharded_checkpoint; needs the world size the checkpoint was written with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    problem = verify(ckpt)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt}: {problem}")
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    if not (ckpt / SHARDED).is_dir():
+        raise UserError(f"checkpoint {ckpt}: written by a single process; resume it with one process "
+                        "(or start a new run with model weights from it)")
+    if manifest.get("world_size") != env.world_size:
+        raise UserError(f"checkpoint {ckpt}: written by {manifest.get('world_size')} processes, "
+                        f"resumed with {env.world_size}; resume with the same number of processes")
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(ckpt / SHARDED))
+    # strict=False: frozen weights are not in the checkpoint (they come from the base model); every trainable one
+    # is, or dcp.load above would have failed.
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    mine = torch.load(ckpt / f"rank_{env.rank}.pt", weights_only=True)
+    scheduler.load_state_dict(mine["scheduler"])
+    loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    return int(mine["step"])
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
     """Restore everything save_checkpoint wrote; returns the step to continue after."""
     problem = verify(ckpt)
     if problem is not None:
         raise UserError(f"checkpoint {ckpt}: {problem}")
+    if not (ckpt / WEIGHTS).is_file():
+        raise UserError(f"checkpoint {ckpt}: written by a multi-process run; resume it with the same number "
+                        "of processes")
     weights = load_file(ckpt / WEIGHTS)
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))

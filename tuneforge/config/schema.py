@@ -111,6 +111,26 @@ class LoggingConfig:
 
 
 @dataclass
+class MixedPrecisionConfig:
+    param_dtype: Optional[Literal["float32", "bfloat16"]] = doc(
+        "FSDP2 all-gather / compute dtype of parameters (null = the model's compute dtype)", None)
+    reduce_dtype: Optional[Literal["float32", "bfloat16"]] = doc("FSDP2 gradient reduce dtype (null = float32)", None)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = doc(
+        "auto = single for one process, fsdp2 when sharding is asked for (cpu_offload, dp_replicate), else ddp", "auto")
+    dp_replicate: int = doc("HSDP: replicas of the sharded model (e.g. nodes); 1 = plain FSDP over all ranks", 1)
+    cpu_offload: bool = doc("FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory", False)
+    activation_checkpointing: bool = doc("recompute each layer's activations in backward (less memory, ~30% slower)",
+                                         False)
+    reshard_after_forward: bool = doc("FSDP2: free gathered layer weights after forward (less memory, more comms)",
+                                      True)
+    mixed_precision: MixedPrecisionConfig = doc("FSDP2 mixed-precision policy", factory=MixedPrecisionConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
@@ -119,3 +139,5 @@ class Config:
     train: TrainConfig = doc("optimisation", factory=TrainConfig)
     checkpoint: CheckpointConfig = doc("resumable checkpoints", factory=CheckpointConfig)
     logging: LoggingConfig = doc("metrics sinks", factory=LoggingConfig)
+    distributed: DistributedConfig = doc("data-parallel training under torchrun (DDP / FSDP2 / HSDP)",
+                                         factory=DistributedConfig)

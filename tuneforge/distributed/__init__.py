@@ -1,10 +1,22 @@
-"""Process-group state. Single process today; torchrun (DDP / FSDP2) plugs in here."""
+"""torch.distributed plumbing: process group, device mesh, DDP and FSDP2 wrapping, collectives the loop needs.
+
+One process needs none of it; torchrun (launched by `tuneforge finetune --nproc-per-node N` or by the user) sets
+RANK / WORLD_SIZE / LOCAL_RANK and the same recipe runs data-parallel, gloo on CPU and nccl on CUDA."""
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from tuneforge.config.schema import DistributedConfig
+from tuneforge.errors import UserError
+
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -13,15 +25,176 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    initialized: bool = False
+    mesh: object = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def local_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(strategy: str) -> DistEnv:
+    """Join the process group torchrun prepared (or a one-rank group, for fsdp2 on one device)."""
+    world = launched_world_size()
+    if world == 1 and strategy != "fsdp2":
+        return DistEnv(device=local_device())
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", f"cuda:{local_rank}"
+    else:
+        backend, device = "gloo", "cpu"
+    if not dist.is_initialized():
+        if world == 1:  # fsdp2 on a single device still needs a (trivial) process group
+            store = tempfile.NamedTemporaryFile(prefix="tuneforge-pg-", delete=False).name
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
+    return DistEnv(rank, world, local_rank, device, True)
+
+
+def resolve_strategy(cfg: DistributedConfig, world_size: int) -> str:
+    """auto: single for one process; fsdp2 when sharding is asked for (offload, HSDP); otherwise ddp."""
+    if cfg.strategy == "auto":
+        if world_size == 1:
+            return "single"
+        return "fsdp2" if (cfg.cpu_offload or cfg.dp_replicate > 1) else "ddp"
+    if cfg.strategy == "single" and world_size > 1:
+        raise UserError(f"distributed.strategy: single cannot run on {world_size} processes; use ddp or fsdp2")
+    if cfg.strategy == "ddp" and world_size == 1:
+        return "single"
+    return cfg.strategy
+
+
+def build_mesh(env: DistEnv, dp_replicate: int):
+    """1-D mesh (shard) for FSDP, or 2-D (replicate, shard) for HSDP: replicas across nodes, shards within."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = "cuda" if env.device.startswith("cuda") else "cpu"
+    if dp_replicate > 1:
+        if env.world_size % dp_replicate:
+            raise UserError(f"distributed.dp_replicate ({dp_replicate}) must divide the world size ({env.world_size})")
+        return init_device_mesh(kind, (dp_replicate, env.world_size // dp_replicate),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(kind, (env.world_size,), mesh_dim_names=("shard",))
+
+
+class TrainModule(nn.Module):
+    """The model plus tuneforge's loss in one forward, so the DDP / FSDP hooks run around exactly what trains
+    (the loss calls the backbone and the LM head directly, on labelled positions only)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from tuneforge.models.loss import causal_lm_loss
+
+        return causal_lm_loss(self.model, batch)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: classes named in `_no_split_modules`, else the longest ModuleList."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in inner.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_dtype, reduce_dtype) -> nn.Module:
+    """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, LM head). Frozen base weights
+    and trainable LoRA weights of a layer live in the same unit, so each layer is one all-gather."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    env.mesh = build_mesh(env, cfg.dp_replicate)
+    common = dict(mesh=env.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                  offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+    for layer in decoder_layers(module.model):
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **common)
+    fully_shard(module, reshard_after_forward=False, **common)  # the root is needed again at once by backward
+    return module
+
+
+def apply_ddp(module: TrainModule, env: DistEnv) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.local_rank] if env.device.startswith("cuda") else None
+    return DistributedDataParallel(module.to(env.device), device_ids=device_ids)
+
+
+def wrap_model(model: nn.Module, strategy: str, cfg: DistributedConfig, env: DistEnv, compute_dtype) -> nn.Module:
+    module = TrainModule(model)
+    if strategy == "ddp":
+        return apply_ddp(module, env)
+    if strategy == "fsdp2":
+        mp = cfg.mixed_precision
+        param_dtype = _dtype(mp.param_dtype) if mp.param_dtype else compute_dtype
+        reduce_dtype = _dtype(mp.reduce_dtype) if mp.reduce_dtype else torch.float32
+        return apply_fsdp(module, cfg, env, param_dtype, reduce_dtype)
+    return module.to(env.device)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (accumulate locally)."""
+    import contextlib
+
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync") and not enabled:  # DDP
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(value: float | int, env: DistEnv) -> float:
+    if not env.initialized or env.world_size == 1:
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def inner_model(module: nn.Module) -> nn.Module:
+    """The user's model inside the DDP / FSDP / TrainModule wrappers."""
+    module = getattr(module, "module", module)  # DDP
+    return module.model if isinstance(module, TrainModule) else module
+
+
+def barrier(env: DistEnv) -> None:
+    if env.initialized and env.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv):
+    if not env.initialized or env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group cleanly (callers drop their DDP module first: gloo aborts at exit otherwise)."""
+    if env.initialized and dist.is_initialized():
+        barrier(env)
+        dist.destroy_process_group()
+
+
 def detect_env() -> DistEnv:
-    """Where this process runs; reads torchrun's variables when present."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise NotImplementedError("multi-process training is not available yet; run one process")
-    return DistEnv(device="cuda" if torch.cuda.is_available() else "cpu")
+    """The environment of a single-process command (generate, eval)."""
+    return DistEnv(device=local_device())

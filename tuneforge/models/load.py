@@ -103,3 +103,9 @@ def count_parameters(model) -> tuple[int, int]:
 
 def is_local(path: str) -> bool:
     return Path(path).expanduser().is_dir()
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs, LoRA and FSDP2)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -9,8 +9,19 @@ from tuneforge.config.schema import Config
 from tuneforge.models.load import is_local
 
 
-def save_final(model, tokenizer, cfg: Config, out: Path) -> None:
-    """Written beside `out` and renamed into place, so final/ is either the old or the new output, never half."""
+def consolidated_state(module, env, trainable_only: bool) -> dict | None:
+    """The full (unsharded) weights gathered to rank 0's CPU memory for export; only the trainable ones for an
+    adapter run, so the frozen base model is never gathered. Every rank must call it (it is a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(module, options=options)
+    return {k.removeprefix("model."): v for k, v in state.items()} if env.is_main else None
+
+
+def save_final(model, tokenizer, cfg: Config, out: Path, state_dict: dict | None = None) -> None:
+    """Written beside `out` and renamed into place, so final/ is either the old or the new output, never half.
+    `state_dict` carries gathered weights when the model itself is sharded."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "peft_config"):
@@ -20,7 +31,8 @@ def save_final(model, tokenizer, cfg: Config, out: Path) -> None:
             pc.base_model_name_or_path = str(Path(base).resolve()) if is_local(base) else base
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     base_model.config.use_cache = True  # training turned the KV cache off; users of the output want it on
-    model.save_pretrained(tmp, safe_serialization=True)
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.save_pretrained(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():

@@ -64,10 +64,10 @@ class MetricsSink:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, description=_short(metrics))
         if step % self.print_every == 0 or step == self.total or "val_loss" in metrics:
-            self.console.print(f"step {step:>5}/{self.total}  {_short(metrics)}", highlight=False, soft_wrap=True)
+            self.info(f"step {step:>5}/{self.total}  {_short(metrics)}")
 
     def info(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -15,17 +15,20 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from tuneforge.checkpoint import (find_latest, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                                  save_sharded_checkpoint)
 from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
-from tuneforge.distributed import DistEnv, detect_env
+from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, init_distributed, inner_model,
+                                   launched_world_size, resolve_strategy, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import UserError
-from tuneforge.models import (causal_lm_loss, count_label_tokens, count_parameters, load_model, load_tokenizer,
-                              resolve_precision)
+from tuneforge.models import (apply_activation_checkpointing, count_label_tokens, count_parameters, load_model,
+                              load_tokenizer, resolve_precision)
 from tuneforge.peft import adapter_summary, apply_peft
-from tuneforge.train.export import save_final
+from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
 
@@ -54,34 +57,73 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> tuple[Path, Path | None]:
     return run_dir, ckpt
 
 
+def prepare_run_dir_on_main(cfg: Config, overwrite: bool, env: DistEnv) -> tuple[Path, Path | None]:
+    """Rank 0 decides (and may delete); the others learn the outcome, including an error, so none waits forever."""
+    outcome = None
+    if env.is_main:
+        try:
+            outcome = ("ok", *prepare_run_dir(cfg, overwrite))
+        except UserError as e:
+            outcome = ("error", str(e), None)
+    outcome = broadcast_object(outcome, env)
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1], outcome[2]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 @torch.no_grad()
-def validate(model, batches, precision) -> dict:
-    """Token-weighted mean loss over the whole validation set, and its perplexity."""
-    model.eval()
+def validate(module, batches, precision, env: DistEnv) -> dict:
+    """Token-weighted mean loss over the whole validation set (all ranks' shares), and its perplexity."""
+    module.eval()
     total, tokens = 0.0, 0
     for batch in batches:
         with precision.context():
-            total += float(causal_lm_loss(model, batch))
+            total += float(module({k: v.to(env.device) for k, v in batch.items()}))
         tokens += count_label_tokens(batch)
-    model.train()
-    loss = total / max(tokens, 1)
+    module.train()
+    loss = all_reduce_sum(total, env) / max(all_reduce_sum(tokens, env), 1)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
+def save_state(run_dir: Path, step: int, module, optimizer, scheduler, loader, cfg: Config, env: DistEnv) -> None:
+    args = (run_dir / "checkpoints", step)
+    if env.initialized:
+        save_sharded_checkpoint(*args, module, optimizer, scheduler, loader, {"run": cfg.run.name},
+                                cfg.checkpoint.keep_last, env)
+    else:
+        save_checkpoint(*args, inner_model(module), optimizer, scheduler, loader, {"run": cfg.run.name},
+                        cfg.checkpoint.keep_last)
+
+
+def load_state(ckpt: Path, module, optimizer, scheduler, loader, env: DistEnv) -> int:
+    if env.initialized:
+        return load_sharded_checkpoint(ckpt, module, optimizer, scheduler, loader, env)
+    return load_checkpoint(ckpt, inner_model(module), optimizer, scheduler, loader)
+
+
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
+    strategy = resolve_strategy(cfg.distributed, launched_world_size())
+    env = init_distributed(strategy)
+    try:
+        return _finetune(cfg, overwrite, env, strategy)
+    finally:
+        shutdown(env)
+
+
+def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path:
     # ---- setup ---------------------------------------------------------------------------------------------
     run_started = time.perf_counter()
-    env: DistEnv = detect_env()
     check_wandb(cfg)
-    run_dir, resume_from = prepare_run_dir(cfg, overwrite)
-    dump_config(cfg, run_dir / "config.yaml")
+    run_dir, resume_from = prepare_run_dir_on_main(cfg, overwrite, env)
+    if env.is_main:
+        dump_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.run.seed)
-    precision = resolve_precision(cfg.model.dtype, env.device)
+    precision = resolve_precision(cfg.model.dtype, env.device.split(":")[0])
 
     tokenizer = load_tokenizer(cfg.model)
     train = prepare_source(cfg.data, cfg.data.train, tokenizer)
@@ -90,8 +132,12 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     model = load_model(cfg.model)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft)
-    model.to(env.device).train()
+    if cfg.distributed.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    model.train()
     trainable, total = count_parameters(model)
+    adapters = adapter_summary(model) if cfg.peft is not None else ""
+    module = wrap_model(model, strategy, cfg.distributed, env, precision.autocast or torch.float32)
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
@@ -101,41 +147,50 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
     val_batches = (build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
                                       env.rank, env.world_size) if val else [])
-    optimizer = build_optimizer(model, t.optimizer)
+    optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
     scheduler = build_scheduler(optimizer, t.lr_scheduler, total_steps)
 
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, loader)
-    sink = MetricsSink(run_dir, cfg, total_steps, start_step, to_dict(cfg))
-    sink.info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
-              f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
-    if cfg.peft is not None:
-        sink.info(f"adapter {cfg.peft.method}: {adapter_summary(model)}")
-    sink.info(f"data: train {train.stats.summary()}" + (f"; validation {val.stats.summary()}" if val else ""))
-    sink.info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
-              f"{env.world_size} process(es); {total_steps} steps ({per_epoch:.1f} per epoch)"
-              + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
+        start_step = load_state(resume_from, module, optimizer, scheduler, loader, env)
+    sink = MetricsSink(run_dir, cfg, total_steps, start_step, to_dict(cfg)) if env.is_main else None
+    info = sink.info if sink else (lambda message: None)
+    info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
+         f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
+    if adapters:
+        info(f"adapter {cfg.peft.method}: {adapters}")
+    info(f"data: train {train.stats.summary()}" + (f"; validation {val.stats.summary()}" if val else ""))
+    info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
+         f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
+         + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
 
     if val_batches and start_step == 0:
-        sink.log(0, validate(model, val_batches, precision))  # the baseline the run improves on
+        scores = validate(module, val_batches, precision, env)  # the baseline the run improves on
+        if sink:
+            sink.log(0, scores)
 
     # ---- train ---------------------------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     batches = iter(loader)
+    stop = StopRequest().install()
     last_step = min(total_steps, t.stop_at_step or total_steps)
-    for step in range(start_step + 1, last_step + 1):
+    step = start_step
+    while step < last_step:
+        step += 1
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accum)]
-        step_tokens = sum(count_label_tokens(mb) for mb in micro_batches)
+        # The step's loss is divided by its label tokens over all micro-batches and ranks; DDP and FSDP average
+        # gradients over ranks, so each rank's share is scaled back up by the world size.
+        step_tokens = all_reduce_sum(sum(count_label_tokens(mb) for mb in micro_batches), env)
+        scale = env.world_size / max(step_tokens, 1)
         loss_sum = 0.0
-        for mb in micro_batches:
-            mb = {k: v.to(env.device) for k, v in mb.items()}
-            with precision.context():
-                loss = causal_lm_loss(model, mb)
-            (loss / max(step_tokens, 1)).backward()
+        for i, mb in enumerate(micro_batches):
+            with set_gradient_sync(module, i == accum - 1):
+                with precision.context():
+                    loss = module({k: v.to(env.device) for k, v in mb.items()})
+                (loss * scale).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(params, t.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -144,31 +199,45 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
         metrics = {}
         if step % t.log_every_steps == 0 or step == total_steps:
             seconds = time.perf_counter() - started
-            real_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-            metrics = {"loss": float(loss_sum) / max(step_tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": real_tokens / seconds, "label_tokens": step_tokens,
-                       "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+            real_tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), env)
+            metrics = {"loss": all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1), "lr": lr,
+                       "grad_norm": float(grad_norm), "tokens_per_s": real_tokens / seconds,
+                       "label_tokens": int(step_tokens), "epoch": step / per_epoch, "step_seconds": seconds,
+                       "peak_rss_mb": _peak_rss_mb()}
         if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
-            metrics.update(validate(model, val_batches, precision))
-        if metrics:
+            metrics.update(validate(module, val_batches, precision, env))
+        if metrics and sink:
             sink.log(step, metrics)
+        if all_reduce_sum(stop.requested, env):  # every rank stops at the same step boundary
+            last_step = step
+            info(f"{stop.signal_name or 'a signal on another rank'}: checkpointing at step {step} and exiting; "
+                 "run the same command again to continue")
+            break
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < last_step:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, scheduler, loader,
-                            {"run": cfg.run.name}, cfg.checkpoint.keep_last)
+            save_state(run_dir, step, module, optimizer, scheduler, loader, cfg, env)
 
     # ---- finish --------------------------------------------------------------------------------------------
     stopped_early = last_step < total_steps
     if (cfg.checkpoint.every_steps or stopped_early) and last_step > start_step:
-        save_checkpoint(run_dir / "checkpoints", last_step, model, optimizer, scheduler, loader,
-                        {"run": cfg.run.name}, cfg.checkpoint.keep_last)
+        save_state(run_dir, last_step, module, optimizer, scheduler, loader, cfg, env)
+    stop.uninstall()
     if stopped_early:
-        sink.info(f"stopped after step {last_step} of {total_steps} (train.stop_at_step); "
-                  f"run the same command again to continue")
+        info(f"stopped after step {last_step} of {total_steps}; run the same command again to continue")
     else:
-        save_final(model, tokenizer, cfg, run_dir / "final")
-        sink.info(summarize(run_dir / "metrics.jsonl", time.perf_counter() - run_started))
-    sink.close()
+        state = consolidated_state(module, env, trainable_only=cfg.peft is not None) if env.initialized else None
+        if env.is_main:
+            save_final(inner_model(module), tokenizer, cfg, run_dir / "final", state)
+            info(summarize(run_dir / "metrics.jsonl", time.perf_counter() - run_started))
+    if sink:
+        sink.close()
+    del module, optimizer  # a DDP module must go before the process group does
     return run_dir
+
+
+def clip_grad_norm(params, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm (clipped to max_norm when set); FSDP2 shards come back as a DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def summarize(metrics_path: Path, seconds: float) -> str:
