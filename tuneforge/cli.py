@@ -151,7 +151,14 @@ COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slu
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`-c F --overwrite a.b=1`): argparse stops a positional list at
+    # the first option, so collect key=value words it left over.
+    args, rest = parser.parse_known_args(argv)
+    stray = [w for w in rest if "=" not in w or w.startswith("-")]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     if args.command is None:
         parser.print_help()
         return 2

@@ -5,3 +5,9 @@ class UserError(Exception):
     """Bad input from the user (config, data, paths, adapters). The CLI prints `tuneforge: error: <msg>`, exits 2."""
 
     exit_code = 2
+
+
+class TrainingAborted(UserError):
+    """Training cannot usefully go on (e.g. the loss keeps diverging); exit code 3, the last checkpoint is intact."""
+
+    exit_code = 3

@@ -45,12 +45,16 @@ def test_ddp_and_fsdp2_match_one_process(tiny_recipe, tmp_path, method):
     extra = ["peft=null", "train.optimizer.lr=0.0005"] if method == "full" else []
     run(tiny_recipe, tmp_path, "one", *extra)
     want = final_logits(tmp_path / "one/final", method == "lora")
-    for strategy in ("ddp", "fsdp2"):
-        out = run(tiny_recipe, tmp_path, strategy, *extra, f"distributed.strategy={strategy}", nproc=2)
-        assert f"x 2 process(es) [{strategy}]" in out.stdout
-        assert_same_curve(read_metrics(tmp_path / strategy), read_metrics(tmp_path / "one"))
-        got = final_logits(tmp_path / strategy / "final", method == "lora")
-        assert torch.allclose(got, want, atol=1e-5), (strategy, (got - want).abs().max())
+    variants = {"ddp": ["distributed.strategy=ddp"], "fsdp2": ["distributed.strategy=fsdp2"]}
+    if method == "lora":  # HSDP (2 replicas x 1 shard) with CPU offload and activation checkpointing
+        variants["hsdp"] = ["distributed.strategy=auto", "distributed.dp_replicate=2", "distributed.cpu_offload=true",
+                            "distributed.activation_checkpointing=true"]
+    for name, options in variants.items():
+        out = run(tiny_recipe, tmp_path, name, *extra, *options, nproc=2)
+        assert f"x 2 process(es) [{'ddp' if name == 'ddp' else 'fsdp2'}]" in out.stdout
+        assert_same_curve(read_metrics(tmp_path / name), read_metrics(tmp_path / "one"))
+        got = final_logits(tmp_path / name / "final", method == "lora")
+        assert torch.allclose(got, want, atol=1e-5), (name, (got - want).abs().max())
 
 
 def test_fsdp2_stop_and_resume_continues_the_curve(tiny_recipe, tmp_path):

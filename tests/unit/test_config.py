@@ -88,3 +88,14 @@ def test_every_field_has_help():
     lines = describe_schema()
     assert any(line.startswith("train.optimizer.lr: peak learning rate") for line in lines)
     assert all(": " in line and not line.split(": ", 1)[1].startswith("(") for line in lines)
+
+
+def test_cli_takes_overrides_before_and_after_options(tmp_path, monkeypatch):
+    from tuneforge import cli
+
+    seen = {}
+    monkeypatch.setitem(cli.COMMANDS, "finetune", lambda args: seen.setdefault("args", args) and 0)
+    cli.main(["finetune", "-c", "r.yaml", "a.b=1", "--overwrite", "c.d=2"])
+    assert seen["args"].overrides == ["a.b=1", "c.d=2"] and seen["args"].overwrite
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "-c", "r.yaml", "--no-such-flag"])

@@ -219,6 +219,7 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
     _check(len(t.optimizer.betas) == 2 and all(0 <= b < 1 for b in t.optimizer.betas), origin,
            f"train.optimizer.betas: expected two numbers in [0, 1), got {t.optimizer.betas}")
     _check(t.grad_clip is None or t.grad_clip > 0, origin, f"train.grad_clip: must be > 0 or null, got {t.grad_clip}")
+    _check(t.max_bad_steps >= 1, origin, f"train.max_bad_steps: must be >= 1, got {t.max_bad_steps}")
     _check(t.log_every_steps >= 1, origin, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
     _check(t.val_every_steps is None or t.val_every_steps >= 1, origin,
            f"train.val_every_steps: must be >= 1 or null, got {t.val_every_steps}")

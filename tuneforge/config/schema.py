@@ -88,6 +88,8 @@ class TrainConfig:
     grad_clip: Optional[float] = doc("clip the global gradient norm to this value (null = no clipping)", 1.0)
     val_every_steps: Optional[int] = doc("validation loss every N steps (and at the end); null = only at the end", None)
     log_every_steps: int = doc("write a metrics line every N steps", 1)
+    max_bad_steps: int = doc("abort after N consecutive steps with a non-finite loss or gradient (each is skipped)",
+                             5)
 
 
 @dataclass

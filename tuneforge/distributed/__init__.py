@@ -119,7 +119,9 @@ def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_
 
     env.mesh = build_mesh(env, cfg.dp_replicate)
     common = dict(mesh=env.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-                  offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+                  # pinned host memory speeds up GPU<->CPU copies; without a GPU there is nothing to pin for
+                  offload_policy=(CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload
+                                  else OffloadPolicy()))
     for layer in decoder_layers(module.model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **common)
     fully_shard(module, reshard_after_forward=False, **common)  # the root is needed again at once by backward

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,8 +23,18 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop lines of steps that will be run again, so the file reads as one uninterrupted run."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)  # a crash mid-rewrite leaves the old file, never a half one
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class MetricsSink:

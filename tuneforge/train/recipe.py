@@ -21,7 +21,7 @@ from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
 from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, init_distributed, inner_model,
                                    launched_world_size, resolve_strategy, set_gradient_sync, shutdown, wrap_model)
-from tuneforge.errors import UserError
+from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.models import (apply_activation_checkpointing, count_label_tokens, count_parameters, load_model,
                               load_tokenizer, resolve_precision)
 from tuneforge.peft import adapter_summary, apply_peft
@@ -48,7 +48,9 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> tuple[Path, Path | None]:
             ckpt = find_latest(run_dir / "checkpoints")
         if ckpt is None and cfg.checkpoint.resume not in ("auto", "never"):
             ckpt = Path(cfg.checkpoint.resume)
-        if ckpt is None and any((run_dir / f).exists() for f in ("metrics.jsonl", "final", "checkpoints")):
+        # A finished run is never replaced silently. An interrupted one that had not checkpointed yet restarts
+        # (its metrics lines are for steps that will run again, and are dropped).
+        if ckpt is None and ((run_dir / "final").exists() or cfg.checkpoint.resume == "never"):
             raise UserError(f"run directory {run_dir} already holds a run with nothing to resume; "
                             "pass --overwrite to replace it or choose another run.name")
     elif cfg.checkpoint.resume not in ("auto", "never"):
@@ -174,7 +176,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     batches = iter(loader)
     stop = StopRequest().install()
     last_step = min(total_steps, t.stop_at_step or total_steps)
-    step = start_step
+    step, bad_steps, skipped = start_step, 0, 0
     while step < last_step:
         step += 1
         started = time.perf_counter()
@@ -192,18 +194,31 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(params, t.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        step_loss = all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1)
+        healthy = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
+        if healthy:
+            optimizer.step()
+            bad_steps = 0
+        else:  # skip the update: the weights (and so every checkpoint) stay finite
+            bad_steps += 1
+            skipped += 1
+            info(f"step {step}: non-finite loss or gradient ({step_loss}, norm {float(grad_norm)}); step skipped "
+                 f"({bad_steps} in a row, limit train.max_bad_steps={t.max_bad_steps})")
+            if bad_steps >= t.max_bad_steps:
+                raise TrainingAborted(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
+                                      f"{step}); lower train.optimizer.lr, set train.grad_clip, or check the data. "
+                                      "The newest checkpoint holds the last finite weights.")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         metrics = {}
-        if step % t.log_every_steps == 0 or step == total_steps:
+        if step % t.log_every_steps == 0 or step == total_steps or not healthy:
             seconds = time.perf_counter() - started
             real_tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), env)
-            metrics = {"loss": all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1), "lr": lr,
-                       "grad_norm": float(grad_norm), "tokens_per_s": real_tokens / seconds,
-                       "label_tokens": int(step_tokens), "epoch": step / per_epoch, "step_seconds": seconds,
-                       "peak_rss_mb": _peak_rss_mb()}
+            metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": real_tokens / seconds, "label_tokens": int(step_tokens),
+                       "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
+                       **({"skipped_steps": skipped} if skipped else {})}
         if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
             metrics.update(validate(module, val_batches, precision, env))
         if metrics and sink:

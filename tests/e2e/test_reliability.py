@@ -1,0 +1,96 @@
+"""Crash safety and the non-finite guard."""
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, read_metrics, run_cli, tiny_overrides
+from tuneforge.config import load_config
+from tuneforge.errors import TrainingAborted
+
+
+def flaky_loss(monkeypatch, bad_calls):
+    """Make tuneforge's loss non-finite on the given (1-based) calls."""
+    import tuneforge.models.loss as loss_mod
+
+    real, calls = loss_mod.causal_lm_loss, {"n": 0}
+
+    def loss(model, batch, full_forward=False):
+        calls["n"] += 1
+        out = real(model, batch, full_forward)
+        return out * float("nan") if bad_calls(calls["n"]) else out
+    monkeypatch.setattr(loss_mod, "causal_lm_loss", loss)
+
+
+def test_non_finite_step_is_skipped_and_counted(tiny_recipe, tmp_path, monkeypatch):
+    from tuneforge.train import finetune
+
+    flaky_loss(monkeypatch, lambda n: n == 3)
+    finetune(load_config(tiny_recipe, tiny_overrides(tmp_path, "nan", "train.max_steps=5", "checkpoint.every_steps=1",
+                                                     "checkpoint.keep_last=null")))
+    rows = read_metrics(tmp_path / "nan")
+    assert rows[2]["step"] == 3 and rows[2]["loss"] == "nan" and rows[2]["skipped_steps"] == 1
+    assert all(math.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+    two, three = (load_file(tmp_path / f"nan/checkpoints/step_{s}/trainable.safetensors") for s in (2, 3))
+    assert all(torch.equal(two[k], three[k]) for k in two)  # the bad step changed nothing
+    final = load_file(tmp_path / "nan/final/adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_consecutive_non_finite_steps_abort(tiny_recipe, tmp_path, monkeypatch):
+    from tuneforge.train import finetune
+
+    flaky_loss(monkeypatch, lambda n: n >= 2)
+    cfg = load_config(tiny_recipe, tiny_overrides(tmp_path, "div", "train.max_steps=8", "train.max_bad_steps=3",
+                                                  "checkpoint.every_steps=1"))
+    with pytest.raises(TrainingAborted, match="3 consecutive steps had a non-finite loss"):
+        finetune(cfg)
+    assert not (tmp_path / "div/final").exists()
+    newest = load_file(tmp_path / "div/checkpoints/step_3/trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in newest.values())
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp_path):
+    """10 kills, several inside checkpoint writes; every resume continues the same run to the same weights."""
+    steps = ["train.max_steps=24", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "data.seq_length=128",
+             "data.train.limit=48", "train.micro_batch_size=4", "train.global_batch_size=4"]
+    run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "whole", *steps))
+    args = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe),
+            *tiny_overrides(tmp_path, "killed", *steps)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ckpts = tmp_path / "killed/checkpoints"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(40):
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        in_write = attempt % 2 == 0  # every other kill waits for a checkpoint being written
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            if in_write and ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir()):
+                break
+            if not in_write and (tmp_path / "killed/metrics.jsonl").exists() and rng.random() < 0.05:
+                break
+            time.sleep(0.002)
+        if proc.poll() is not None:
+            assert proc.returncode == 0
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if kills == 10:
+            break
+    assert kills == 10
+    run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "killed", *steps))
+    a = load_file(tmp_path / "whole/final/adapter_model.safetensors")
+    b = load_file(tmp_path / "killed/final/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"tokens_per_s", "step_seconds", "peak_rss_mb"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
