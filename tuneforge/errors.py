@@ -6,6 +6,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        # One line, always: a value quoted from the user's input may itself contain newlines.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class TrainingAborted(UserError):
     """Training cannot usefully go on (e.g. the loss keeps diverging); exit code 3, the last checkpoint is intact."""

@@ -94,3 +94,16 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp
     timing = {"tokens_per_s", "step_seconds", "peak_rss_mb"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+
+
+def test_tokens_and_keys_never_reach_the_run_directory(tiny_recipe, tmp_path):
+    secrets = {"HF_TOKEN": "hf_tuneforgeSECRETtoken123", "WANDB_API_KEY": "wandbSECRETkey456"}
+    run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "s", "train.max_steps=2",
+                                                                "checkpoint.every_steps=1",
+                                                                "logging.tensorboard=true"), env=secrets)
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    assert len(files) > 8
+    for path in files:
+        data = path.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in data, path

@@ -237,19 +237,27 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
             continue
         _check(src.limit is None or src.limit >= 1, origin, f"{name}.limit: must be >= 1 or null, got {src.limit}")
         _check(bool(src.path), origin, f"{name}.path: required")
-        _check(not check_paths or Path(src.path).is_file(), origin, f"{name}.path: no such file '{src.path}'")
+        _check(not check_paths or _exists(src.path, "is_file"), origin, f"{name}.path: no such file '{src.path}'")
     if not check_paths:
         return
     mp = cfg.model.name_or_path
     if _looks_local(mp):
-        _check(Path(mp).expanduser().is_dir(), origin, f"model.name_or_path: no such model directory '{mp}'")
-    _check(cfg.checkpoint.resume in ("auto", "never") or Path(cfg.checkpoint.resume).is_dir(), origin,
+        _check(_exists(mp, "is_dir"), origin, f"model.name_or_path: no such model directory '{mp}'")
+    _check(cfg.checkpoint.resume in ("auto", "never") or _exists(cfg.checkpoint.resume, "is_dir"), origin,
            f"checkpoint.resume: expected auto, never or an existing checkpoint directory, got '{cfg.checkpoint.resume}'")
+
+
+def _exists(path: str, kind: str = "exists") -> bool:
+    """Path.is_file / is_dir / exists that answers False for names no filesystem accepts (too long, NUL bytes)."""
+    try:
+        return getattr(Path(path).expanduser(), kind)()
+    except (OSError, ValueError):
+        return False
 
 
 def _looks_local(name: str) -> bool:
     """A Hub id is `name` or `org/name`; anything else (or an existing path) is a local directory."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return _exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def to_dict(cfg: Config) -> dict:
