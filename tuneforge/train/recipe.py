@@ -25,6 +25,7 @@ from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.models import (apply_activation_checkpointing, count_label_tokens, count_parameters, load_model,
                               load_tokenizer, resolve_precision)
 from tuneforge.peft import adapter_summary, apply_peft
+from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -121,6 +122,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     # ---- setup ---------------------------------------------------------------------------------------------
     run_started = time.perf_counter()
     check_wandb(cfg)
+    check_output_dir(cfg)
+    check_seq_length(cfg, check_model_config(cfg))
     run_dir, resume_from = prepare_run_dir_on_main(cfg, overwrite, env)
     if env.is_main:
         dump_config(cfg, run_dir / "config.yaml")
@@ -139,6 +142,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     model.train()
     trainable, total = count_parameters(model)
     adapters = adapter_summary(model) if cfg.peft is not None else ""
+    check_checkpoint_room(run_dir, trainable, cfg)
     module = wrap_model(model, strategy, cfg.distributed, env, precision.autocast or torch.float32)
 
     t = cfg.train
