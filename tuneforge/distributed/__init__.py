@@ -128,6 +128,24 @@ def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_
     return module
 
 
+def scatter_from_rank0(module: nn.Module, full_state: dict | None, env: DistEnv) -> None:
+    """Give every rank its shards of rank 0's weights. The other ranks built the model on the meta device, so
+    they allocate only their shards here; buffers (e.g. rotary frequencies) are not sharded and are copied whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not env.is_main:
+        module.to_empty(device=env.device)
+    set_model_state_dict(module, full_state if env.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def needs_skeleton(strategy: str, env: DistEnv) -> bool:
+    """FSDP2 on several ranks: only rank 0 loads weights; the others start from the meta-device skeleton."""
+    return strategy == "fsdp2" and env.world_size > 1 and not env.is_main
+
+
 def apply_ddp(module: TrainModule, env: DistEnv) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -143,7 +161,11 @@ def wrap_model(model: nn.Module, strategy: str, cfg: DistributedConfig, env: Dis
         mp = cfg.mixed_precision
         param_dtype = _dtype(mp.param_dtype) if mp.param_dtype else compute_dtype
         reduce_dtype = _dtype(mp.reduce_dtype) if mp.reduce_dtype else torch.float32
-        return apply_fsdp(module, cfg, env, param_dtype, reduce_dtype)
+        full = module.state_dict() if env.is_main else None  # rank 0's real weights, to be scattered
+        apply_fsdp(module, cfg, env, param_dtype, reduce_dtype)
+        if env.world_size > 1:
+            scatter_from_rank0(module, full, env)
+        return module
     return module.to(env.device)
 
 

@@ -95,6 +95,20 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     return model
 
 
+def load_model_skeleton(cfg: ModelConfig):
+    """The model's structure on the meta device (no memory, no weights): ranks other than 0 build this and
+    receive their shards of rank 0's weights after sharding, so no rank but 0 ever holds the full model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=cfg.trust_remote_code, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

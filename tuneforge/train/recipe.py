@@ -20,10 +20,11 @@ from tuneforge.checkpoint import (find_latest, load_checkpoint, load_sharded_che
 from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
 from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, init_distributed, inner_model,
-                                   launched_world_size, resolve_strategy, set_gradient_sync, shutdown, wrap_model)
+                                   launched_world_size, needs_skeleton, resolve_strategy, set_gradient_sync, shutdown,
+                                   wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.models import (apply_activation_checkpointing, count_label_tokens, count_parameters, load_model,
-                              load_tokenizer, resolve_precision)
+                              load_model_skeleton, load_tokenizer, resolve_precision)
 from tuneforge.peft import adapter_summary, apply_peft
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.train.export import consolidated_state, save_final
@@ -134,7 +135,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     train = prepare_source(cfg.data, cfg.data.train, tokenizer)
     val = prepare_source(cfg.data, cfg.data.validation, tokenizer) if cfg.data.validation else None
 
-    model = load_model(cfg.model)
+    model = load_model_skeleton(cfg.model) if needs_skeleton(strategy, env) else load_model(cfg.model)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft)
     if cfg.distributed.activation_checkpointing:
