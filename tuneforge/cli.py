@@ -17,8 +17,15 @@ EPILOG = """examples:
   tuneforge generate --run runs/quickstart --examples 5"""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other tuneforge error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"tuneforge: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune Hugging Face causal language models "
+    parser = Parser(prog="tuneforge", description="Fine-tune Hugging Face causal language models "
                                      "from one YAML recipe.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")

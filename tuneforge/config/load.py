@@ -95,7 +95,7 @@ def _describe(value: Any) -> str:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise _FieldError(prefix or "<top>", f"expected a mapping of fields, got {_describe(raw)}")
+        raise _FieldError(prefix.rstrip(".") or "<top>", f"expected a mapping of fields, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

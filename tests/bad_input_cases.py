@@ -1,0 +1,151 @@
+"""The bad-input matrix: every case is one row of docs/bad-input.md and one test (tests/e2e/test_bad_input.py).
+
+Each case is a tuneforge command line; `{tmp}` is a scratch directory prepared by `setup`, `{repo}` the checkout.
+Regenerate the page after changing cases: python -m tests.bad_input_cases > docs/bad-input.md"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import REPO
+
+FT = ["finetune", "-c", "{tmp}/recipe.yaml"]
+
+
+@dataclass
+class Case:
+    area: str
+    what: str
+    argv: list[str]
+    expect: str  # a part of the one-line message
+    files: dict[str, str | bytes] = field(default_factory=dict)  # extra files to write under {tmp}
+    env: dict[str, str] = field(default_factory=dict)
+    exit_code: int = 2
+
+
+def bad_jsonl(rows: list[str]) -> str:
+    return "\n".join(rows) + "\n"
+
+
+CASES = [
+    # ---- recipe files ----
+    Case("config", "recipe file missing", ["finetune", "-c", "{tmp}/nope.yaml"], "nope.yaml: no such recipe file"),
+    Case("config", "recipe is not YAML", ["finetune", "-c", "{tmp}/bad.yaml"], "bad.yaml:3: invalid YAML",
+         {"bad.yaml": "model:\n  name_or_path: [x\n  y: 1\n"}),
+    Case("config", "recipe is a list, not a mapping", ["finetune", "-c", "{tmp}/list.yaml"],
+         "a recipe must be a mapping of sections", {"list.yaml": "- a\n- b\n"}),
+    Case("config", "misspelled section", [*FT, "trian.max_steps=3"], "trian: unknown key; did you mean train?"),
+    Case("config", "misspelled key", [*FT, "data.seq_lenght=128"], "data.seq_lenght: unknown key; did you mean data.seq_length?"),
+    Case("config", "text where a number is expected", [*FT, "train.micro_batch_size=eight"],
+         "train.micro_batch_size: expected an integer, got 'eight'"),
+    Case("config", "word where true/false is expected", [*FT, "data.train_on_inputs=maybe"],
+         "data.train_on_inputs: expected true or false, got 'maybe'"),
+    Case("config", "unknown choice", [*FT, "model.dtype=fp16"], "model.dtype: expected one of auto|float32|bfloat16, got 'fp16'"),
+    Case("config", "scalar where a section is expected", [*FT, "train=5"], "train: expected a mapping of fields, got 5"),
+    Case("config", "null for a required value", [*FT, "data.seq_length=null"], "data.seq_length: must not be null"),
+    Case("config", "global batch not divisible", [*FT, "train.global_batch_size=12"],
+         "train.global_batch_size (12) is not divisible by micro_batch_size (8)"),
+    Case("config", "seq_length below 1", [*FT, "data.seq_length=0"], "data.seq_length: must be >= 1, got 0"),
+    Case("config", "zero learning rate", [*FT, "train.optimizer.lr=0"], "train.optimizer.lr: must be > 0"),
+    Case("config", "negative learning rate", [*FT, "train.optimizer.lr=-1e-4"], "train.optimizer.lr: must be > 0"),
+    Case("config", "three Adam betas", [*FT, "train.optimizer.betas=[0.9,0.99,0.9]"], "train.optimizer.betas: expected two numbers"),
+    Case("config", "zero gradient clip", [*FT, "train.grad_clip=0"], "train.grad_clip: must be > 0 or null"),
+    Case("config", "zero micro batch", [*FT, "train.micro_batch_size=0"], "train.micro_batch_size: must be >= 1"),
+    Case("config", "zero max_steps", [*FT, "train.max_steps=0"], "train.max_steps: must be >= 1"),
+    Case("config", "negative warmup", [*FT, "train.lr_scheduler.warmup_steps=-5"], "warmup_steps: must be >= 0"),
+    Case("config", "checkpoint every 0 steps", [*FT, "checkpoint.every_steps=0"], "checkpoint.every_steps: must be >= 1 or null"),
+    Case("config", "keep no checkpoint", [*FT, "checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1 or null"),
+    Case("config", "LoRA rank 0", [*FT, "peft.lora_rank=0"], "peft.lora_rank: must be >= 1"),
+    Case("config", "LoRA dropout 1", [*FT, "peft.lora_dropout=1.0"], "peft.lora_dropout: must be in [0, 1)"),
+    Case("config", "resume from a missing checkpoint", [*FT, "checkpoint.resume={tmp}/ckpt"],
+         "checkpoint.resume: expected auto, never or an existing checkpoint directory"),
+    Case("config", "wandb asked for but not installed", [*FT, "logging.wandb.project=p"],
+         "wandb is not installed: pip install 'tuneforge[wandb]'", env={"TUNEFORGE_TEST_HIDE": "wandb"}),
+    # ---- command line ----
+    Case("cli", "override without '='", [*FT, "train.max_steps"], "override 'train.max_steps': expected key.sub=value"),
+    Case("cli", "unknown option", [*FT, "--fast"], "unrecognized arguments: --fast"),
+    Case("cli", "finetune without -c", ["finetune"], "-c/--config FILE is required"),
+    Case("cli", "several nodes without a rendezvous", [*FT, "--nnodes", "2", "train.global_batch_size=16"], "needs --rdzv-endpoint HOST:PORT"),
+    Case("cli", "generate from a directory that is no run", ["generate", "--run", "{tmp}", "--prompt", "x"],
+         "not a tuneforge run directory (no config.yaml)"),
+    Case("cli", "generate from an unfinished run", ["generate", "--run", "{tmp}/unfinished", "--prompt", "x"],
+         "the run has no final/ output yet", {"unfinished/config.yaml": "model: {name_or_path: x}\n"}),
+    Case("cli", "generate zero tokens", ["generate", "--run", "{tmp}", "--prompt", "x", "--max-new-tokens", "0"],
+         "--max-new-tokens: must be >= 1"),
+    Case("cli", "slurm with zero nodes", ["slurm", "-c", "{tmp}/recipe.yaml", "--nodes", "0", "--gpus-per-node", "8"],
+         "--nodes and --gpus-per-node must be >= 1"),
+    # ---- model ----
+    Case("model", "model directory missing", [*FT, "model.name_or_path=./no/such/model"],
+         "model.name_or_path: no such model directory './no/such/model'"),
+    Case("model", "directory without config.json", [*FT, "model.name_or_path={tmp}/empty_model"],
+         "has no usable config.json", {"empty_model/README": "nothing"}),
+    Case("model", "model without a causal-LM head", [*FT, "model.name_or_path={tmp}/t5"],
+         "is a 't5' model without a causal-LM head",
+         {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2,
+                                        "d_ff": 32, "vocab_size": 64})}),
+    Case("model", "output directory under a file", [*FT, "run.output_dir={tmp}/afile/runs"],
+         "run.output_dir: cannot write to", {"afile": "x"}),
+    # ---- data ----
+    Case("data", "training file missing", [*FT, "data.train.path={tmp}/missing.json"],
+         "data.train.path: no such file"),
+    Case("data", "malformed JSON line", [*FT, "data.train.path={tmp}/bad.jsonl", "data.train.format=input_output"],
+         "bad.jsonl:2: invalid JSON", {"bad.jsonl": bad_jsonl(['{"input": "a", "output": "b"}', '{"input": "a" "output"}'])}),
+    Case("data", "missing field", [*FT, "data.train.path={tmp}/nofield.jsonl", "data.train.format=input_output"],
+         "nofield.jsonl:1: missing field 'output'", {"nofield.jsonl": bad_jsonl(['{"input": "a"}'])}),
+    Case("data", "field of the wrong type", [*FT, "data.train.path={tmp}/type.jsonl", "data.train.format=input_output"],
+         "type.jsonl:1: field 'output' must be str, got int", {"type.jsonl": bad_jsonl(['{"input": "a", "output": 3}'])}),
+    Case("data", "bytes that are not UTF-8", [*FT, "data.train.path={tmp}/latin1.jsonl", "data.train.format=input_output"],
+         "latin1.jsonl: not UTF-8 text", {"latin1.jsonl": b'{"input": "caf\xe9", "output": "x"}\n'}),
+    Case("data", "template names a missing field", [*FT, "data.prompt_template={title}: {question}"],
+         "prompt_template names field {title}"),
+    Case("data", "SQuAD file without the data list", [*FT, "data.train.path={tmp}/notsquad.json"],
+         "expected SQuAD json with a top-level 'data' list", {"notsquad.json": '{"version": "1.1"}'}),
+    Case("data", "fewer examples than one micro-batch", [*FT, "data.train.limit=3"],
+         "3 examples, fewer than micro_batch_size (8)"),
+    Case("data", "unknown data format", [*FT, "data.train.format=csv"], "data.train.format: expected one of"),
+    # ---- runs and checkpoints ----
+    Case("run", "finished run without --overwrite", [*FT, "run.name=done"],
+         "already holds a run with nothing to resume; pass --overwrite", {"runs/done/final/x": "x"}),
+    Case("run", "checkpoint whose file does not match its hash", [*FT, "checkpoint.resume={tmp}/ckpt_bad"],
+         "ckpt_bad: trainable.safetensors does not match its hash", {"ckpt_bad/trainable.safetensors": b"corrupt",
+          "ckpt_bad/manifest.json": json.dumps({"step": 2, "files": {"trainable.safetensors": {"size": 7, "sha256": "0" * 64}}})}),
+]
+
+
+def recipe_text() -> str:
+    """A valid tiny recipe that every case starts from (then breaks one thing)."""
+    return (f"run: {{name: case, output_dir: '{{tmp}}/runs'}}\n"
+            f"model: {{name_or_path: {REPO}/assets/models/stories260K, dtype: float32}}\n"
+            f"peft: {{method: lora, lora_rank: 4, lora_alpha: 8}}\n"
+            f"data: {{train: {{path: {REPO}/assets/data/squad/train.json, format: squad, limit: 16}}, seq_length: 128}}\n"
+            "train: {micro_batch_size: 8, global_batch_size: 8, max_steps: 1}\n"
+            "logging: {tensorboard: false, progress: false}\n")
+
+
+def materialize(case: Case, tmp: Path) -> list[str]:
+    (tmp / "recipe.yaml").write_text(recipe_text().replace("{tmp}", str(tmp)))
+    for name, content in case.files.items():
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return [a.replace("{tmp}", str(tmp)).replace("{repo}", str(REPO)) for a in case.argv]
+
+
+def render() -> str:
+    lines = ["# What tuneforge says about bad input", "",
+             "Every row is checked by a test (`tests/e2e/test_bad_input.py`): the command exits with code 2 and prints",
+             "one line, `tuneforge: error: ...`, containing the text shown, before any training work and without",
+             "changing anything already written. Add `--debug` to see a traceback. `FT` stands for",
+             "`tuneforge finetune -c recipe.yaml` with a valid recipe; `{tmp}` is a scratch directory.", "",
+             "| # | area | input | what you see (part of the message) |", "|---|---|---|---|"]
+    for i, case in enumerate(CASES, 1):
+        argv = " ".join(case.argv)
+        argv = argv.replace("finetune -c {tmp}/recipe.yaml", "FT")
+        cell = f"{case.what}: `tuneforge {argv}`".replace("|", "\\|")
+        lines.append(f"| {i} | {case.area} | {cell} | `{case.expect.replace('|', chr(92) + '|')}` |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
