@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tuneforge.data.sources import Record
+from tuneforge.data.sources import DEFAULT_TEMPLATES, Record
 from tuneforge.errors import UserError
 
 IGNORE = -100
+_ALPACA_DEFAULTS = (DEFAULT_TEMPLATES["alpaca"], DEFAULT_TEMPLATES["dolly"])
 
 
 @dataclass
@@ -41,14 +42,22 @@ def render_prompt(template: str, record: Record, source: str) -> str:
         raise UserError(f"{source}: bad prompt_template ({e})") from None
 
 
+def _template_of(template: str, record: Record) -> str:
+    """Alpaca/dolly records without an input use the no-input variant of the default prompt."""
+    return record.template if record.template is not None and template in _ALPACA_DEFAULTS else template
+
+
 def tokenize_records(records: list[Record], tokenizer, template: str, seq_length: int,
-                     train_on_inputs: bool = False, source: str = "data") -> tuple[list[Example], TokenizeStats]:
+                     train_on_inputs: bool = False, source: str = "data", truncation: str = "auto",
+                     progress=None) -> tuple[list[Example], TokenizeStats]:
     """Batched fast tokenization of prompt+completion with character offsets; the prompt/completion boundary is
     the first token that ends past the prompt's last character (one pass, no re-tokenization of the prompt)."""
     stats = TokenizeStats()
-    prompts = [render_prompt(template, r, source) for r in records]
+    prompts = [render_prompt(_template_of(template, r), r, source) for r in records]
     examples: list[Example] = []
     for start in range(0, len(records), 1024):
+        if progress is not None:
+            progress(min(1024, len(records) - start))
         chunk = slice(start, start + 1024)
         batch = [p + r.completion for p, r in zip(prompts[chunk], records[chunk])]
         enc = tokenizer(batch, return_offsets_mapping=True, add_special_tokens=True)
@@ -56,7 +65,8 @@ def tokenize_records(records: list[Record], tokenizer, template: str, seq_length
             record, prompt = records[start + i], prompts[start + i]
             ex = _finish(ids, offsets, len(prompt), tokenizer, train_on_inputs)
             if len(ex.input_ids) > seq_length:
-                ex = _shorten(record, template, prompt, ex, tokenizer, seq_length, train_on_inputs, source, stats)
+                ex = _shorten(record, _template_of(template, record), prompt, ex, tokenizer, seq_length,
+                              train_on_inputs, source, stats, truncation)
                 if ex is None:
                     continue
                 stats.truncated += 1
@@ -88,12 +98,17 @@ def _encode(tokenizer, prompt: str, completion: str, train_on_inputs: bool) -> E
 
 
 def _shorten(record: Record, template: str, prompt: str, ex: Example, tokenizer, seq_length: int,
-             train_on_inputs: bool, source: str, stats: TokenizeStats) -> Example | None:
+             train_on_inputs: bool, source: str, stats: TokenizeStats, truncation: str = "auto") -> Example | None:
+    if truncation == "drop":
+        stats.dropped["longer than seq_length (truncation: drop)"] += 1
+        return None
+    if not prompt:  # plain text: keep the first seq_length tokens
+        return Example(ex.input_ids[:seq_length], ex.labels[:seq_length])
     n_completion = sum(1 for label in ex.labels if label != IGNORE) if not train_on_inputs else None
     if n_completion is not None and n_completion + 8 > seq_length:
         stats.dropped["completion longer than seq_length"] += 1
         return None
-    if record.truncatable and record.truncatable in record.fields:
+    if truncation == "auto" and record.truncatable and record.truncatable in record.fields:
         # Re-render with a shorter context; a few rounds converge because tokens ~ proportional to characters.
         text = record.fields[record.truncatable]
         for _ in range(6):
@@ -111,11 +126,80 @@ def _shorten(record: Record, template: str, prompt: str, ex: Example, tokenizer,
         stats.dropped["too long after truncating the context"] += 1
         return None
     # No truncatable field: cut tokens from the left of the prompt, keeping a leading bos.
+    return _cut_left(ex, tokenizer, seq_length)
+
+
+def _cut_left(ex: Example, tokenizer, seq_length: int) -> Example:
     keep_bos = 1 if tokenizer.bos_token_id is not None and ex.input_ids[:1] == [tokenizer.bos_token_id] else 0
     cut = len(ex.input_ids) - seq_length
     ids = ex.input_ids[:keep_bos] + ex.input_ids[keep_bos + cut:]
     labels = ex.labels[:keep_bos] + ex.labels[keep_bos + cut:]
     return Example(ids, labels)
+
+
+def _chat_template(tokenizer, chat_template: str | None, source: str) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError(f"{source}: format chat needs a chat template and the tokenizer has none; "
+                        f"set data.chat_template")
+    return template
+
+
+def _assistant_spans(tokenizer, messages: list[dict], template: str, where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (each turn's text plus the
+    template's end-of-turn marker): turn i spans render(messages[:i], generation prompt) .. render(messages[:i+1])."""
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                             chat_template=template)
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (text.startswith(head) and text.startswith(upto) and len(upto) > len(head)):
+            raise UserError(f"{where}: the chat template does not render this conversation turn by turn "
+                            f"(assistant turn {i} is not a prefix of the whole); cannot find the assistant spans")
+        spans.append((len(head), len(upto)))
+    return text, spans
+
+
+def tokenize_chat(records: list[Record], tokenizer, seq_length: int, train_on_inputs: bool = False,
+                  source: str = "data", truncation: str = "auto", chat_template: str | None = None,
+                  progress=None) -> tuple[list[Example], TokenizeStats]:
+    """OpenAI-style conversations rendered with the chat template; the loss sees the assistant turns only.
+    Over-long conversations lose tokens from the left (keeping bos) or are dropped (truncation: drop)."""
+    template = _chat_template(tokenizer, chat_template, source)
+    stats = TokenizeStats()
+    examples: list[Example] = []
+    rendered = [_assistant_spans(tokenizer, r.messages, template, f"{source}: {r.id}") for r in records]
+    for start in range(0, len(rendered), 1024):
+        chunk = rendered[start:start + 1024]
+        if progress is not None:
+            progress(len(chunk))
+        # The template writes bos and the turn markers itself.
+        enc = tokenizer([text for text, _ in chunk], return_offsets_mapping=True, add_special_tokens=False)
+        for (text, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            ids = list(ids)
+            labels = list(ids) if train_on_inputs else [
+                t if any(e > a and s < b for a, b in spans) else IGNORE for t, (s, e) in zip(ids, offsets)]
+            ex = Example(ids, labels)
+            if len(ids) > seq_length:
+                if truncation == "drop":
+                    stats.dropped["longer than seq_length (truncation: drop)"] += 1
+                    continue
+                ex = _cut_left(ex, tokenizer, seq_length)
+                stats.truncated += 1
+            if all(label == IGNORE for label in ex.labels[1:]):
+                stats.dropped["with no label tokens"] += 1
+                continue
+            examples.append(ex)
+    stats.examples = len(examples)
+    if not examples:
+        raise UserError(f"{source}: no examples left after tokenization ({stats.summary()})")
+    return examples, stats
 
 
 def _cut_around(text: str, answer: str | None, n_tokens: int, tokenizer) -> str:

@@ -17,7 +17,8 @@ import torch
 
 from tuneforge.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from tuneforge.config import Config, dump_config, to_dict
-from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
+from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
+from tuneforge.data.report import data_summary_lines
 from tuneforge.distributed import DistEnv, detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import (causal_lm_loss, count_label_tokens, count_parameters, load_model, load_tokenizer,
@@ -61,16 +62,24 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def validate(model, batches, precision) -> dict:
-    """Token-weighted mean loss over the whole validation set, and its perplexity."""
+    """Token-weighted mean loss over the whole validation set, and its perplexity. With several named sets
+    ({name: batches}) also val_loss/<name> per set; val_loss is then over all their tokens together."""
+    named = batches if isinstance(batches, dict) else {"": batches}
     model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        with precision.context():
-            total += float(causal_lm_loss(model, batch))
-        tokens += count_label_tokens(batch)
+    sums = {}
+    for name, set_batches in named.items():
+        total, tokens = 0.0, 0
+        for batch in set_batches:
+            with precision.context():
+                total += float(causal_lm_loss(model, batch))
+            tokens += count_label_tokens(batch)
+        sums[name] = (total, tokens)
     model.train()
-    loss = total / max(tokens, 1)
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    if len(named) > 1:
+        out.update({f"val_loss/{name}": t / max(n, 1) for name, (t, n) in sums.items()})
+    return out
 
 
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
@@ -84,8 +93,7 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     precision = resolve_precision(cfg.model.dtype, env.device)
 
     tokenizer = load_tokenizer(cfg.model)
-    train = prepare_source(cfg.data, cfg.data.train, tokenizer)
-    val = prepare_source(cfg.data, cfg.data.validation, tokenizer) if cfg.data.validation else None
+    train, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
 
     model = load_model(cfg.model)
     if cfg.peft is not None:
@@ -96,11 +104,13 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
     loader = build_train_loader(train.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
-                                env.rank, env.world_size)
+                                env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
+                                sizes=train.bounds_sizes, weights=train.weights)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
-    val_batches = (build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
-                                      env.rank, env.world_size) if val else [])
+    val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
+                                            env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length)
+                   for name, val in vals.items()}
     optimizer = build_optimizer(model, t.optimizer)
     scheduler = build_scheduler(optimizer, t.lr_scheduler, total_steps)
 
@@ -112,7 +122,8 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
               f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
     if cfg.peft is not None:
         sink.info(f"adapter {cfg.peft.method}: {adapter_summary(model)}")
-    sink.info(f"data: train {train.stats.summary()}" + (f"; validation {val.stats.summary()}" if val else ""))
+    for line in data_summary_lines(train, vals, loader.batch_sampler, cfg.data):
+        sink.info(line)
     sink.info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
               f"{env.world_size} process(es); {total_steps} steps ({per_epoch:.1f} per epoch)"
               + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
@@ -144,7 +155,7 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
         metrics = {}
         if step % t.log_every_steps == 0 or step == total_steps:
             seconds = time.perf_counter() - started
-            real_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+            real_tokens = sum(count_input_tokens(mb) for mb in micro_batches)
             metrics = {"loss": float(loss_sum) / max(step_tokens, 1), "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": real_tokens / seconds, "label_tokens": step_tokens,
                        "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
