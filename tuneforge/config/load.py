@@ -124,8 +124,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except _FieldError as e:
-                errors.append(e.message)
-        raise _FieldError(path, " or ".join(dict.fromkeys(errors)))
+                errors.append(e)
+        # A mapping meant for a dataclass option (or a list for a list option): report that option's own error,
+        # with its own path (data.train.format, not "data.train: ... or expected a list").
+        raw = value.parsed if isinstance(value, Override) else value
+        for option, e in zip([o for o in options if o is not type(None)], errors):
+            if (isinstance(raw, dict) and dataclasses.is_dataclass(option)) or \
+                    (isinstance(raw, list) and typing.get_origin(option) is list):
+                raise e
+        raise _FieldError(path, " or ".join(dict.fromkeys(e.message for e in errors)))
     if isinstance(value, Override):
         value = value.resolve(tp)
     if value is None:
