@@ -214,3 +214,25 @@ def test_truncation_policies(tok, tmp_path):
     kept, stats = tokenize_records(records, tok, "{input}", 64, truncation="drop")
     assert len(kept) == 1 and stats.dropped["longer than seq_length (truncation: drop)"] == 1
     assert labelled_text(tok, kept[0]) == "ok"
+
+
+@pytest.mark.parametrize("tokenizer", ["stories", "gpt2"])
+def test_shared_context_tokenization_equals_whole_text(tokenizer, monkeypatch):
+    """SQuAD contexts are tokenized once per context, not per question; the examples are the whole-text ones."""
+    from tuneforge.data import tokenize as T
+    from tests.conftest import SQUAD_TRAIN
+
+    path = STORIES if tokenizer == "stories" else Path("/work/shared/models/gpt2-tokenizer")
+    if not path.exists():
+        pytest.skip("GPT-2 tokenizer files not present")
+    tk = AutoTokenizer.from_pretrained(path)
+    records = load_records(str(SQUAD_TRAIN), "squad", limit=200)
+    prompts = [T.render_prompt(DEFAULT_TEMPLATES["squad"], r, "x") for r in records]
+    shared = T._encode_shared(records, prompts, DEFAULT_TEMPLATES["squad"], tk, False)
+    assert sum(ex is not None for ex in shared) >= 0.95 * len(records)
+    seq = 300 if tokenizer == "stories" else 160
+    fast, fast_stats = tokenize_records(records, tk, DEFAULT_TEMPLATES["squad"], seq)
+    monkeypatch.setattr(T, "_encode_shared", lambda records, *a: [None] * len(records))
+    whole, whole_stats = tokenize_records(records, tk, DEFAULT_TEMPLATES["squad"], seq)
+    assert fast == whole and fast_stats.summary() == whole_stats.summary()
+    assert fast_stats.truncated > 0  # the comparison covers the truncation path too

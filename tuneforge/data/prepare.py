@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,9 @@ class TokenTable:
         lengths = np.fromiter((len(ex.input_ids) for ex in examples), dtype=np.int64, count=len(examples))
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for ex in examples for t in ex.input_ids), dtype=np.int32, count=int(offsets[-1]))
-        mask = np.fromiter((label != IGNORE for ex in examples for label in ex.labels), dtype=np.bool_,
-                           count=int(offsets[-1]))
+        n = int(offsets[-1])  # chain.from_iterable + fromiter stay in C: ~20x faster than a generator expression
+        ids = np.fromiter(chain.from_iterable(ex.input_ids for ex in examples), dtype=np.int32, count=n)
+        mask = np.fromiter(chain.from_iterable(ex.labels for ex in examples), dtype=np.int64, count=n) != IGNORE
         return cls(ids, mask, offsets)
 
     @classmethod
@@ -228,6 +229,10 @@ class _Progress:
 def tokenize_source(data: DataConfig, source: DataSource, tokenizer, records: list[Record], notes: Counter,
                     progress: bool = True) -> tuple[TokenTable, TokenizeStats]:
     bar = _Progress(len(records), source_name(source), progress)
+    # The CLI turns tokenizer threads off (they warn on fork); the one big batched encode is where they pay off,
+    # and nothing forks during it.
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
         if source.format == "chat":
             examples, stats = tokenize_chat(records, tokenizer, data.seq_length, data.train_on_inputs, source.path,
@@ -237,6 +242,10 @@ def tokenize_source(data: DataConfig, source: DataSource, tokenizer, records: li
                                                data.train_on_inputs, source.path, source.truncation, progress=bar)
     finally:
         bar.close()
+        if parallel is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
     stats.dropped.update(notes)
     return TokenTable.from_examples(examples), stats
 
