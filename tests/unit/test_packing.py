@@ -97,3 +97,19 @@ def test_pack_rows_never_overflows_and_keeps_every_example_once():
     assert sorted(i for r in rows for i in r) == list(range(500))
     assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
     assert sum(lengths) / (256 * len(rows)) > 0.9
+
+
+def test_flash_attention_packing_needs_flash_attn_and_cuda():
+    from tuneforge.data.loader import check_packing_backend
+    from tuneforge.errors import UserError
+
+    check_packing_backend("sdpa", "cpu")
+    check_packing_backend("eager", "cpu")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match=r"pip install 'tuneforge\[flash\]'"):
+            check_packing_backend("flash_attention_2", "cuda")
+    else:
+        with pytest.raises(UserError, match="CUDA only"):
+            check_packing_backend("flash_attention_2", "cpu")

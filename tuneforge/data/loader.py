@@ -219,6 +219,19 @@ class PackedCollator:
                 "num_tokens": torch.tensor(sum(lengths))}
 
 
+def check_packing_backend(attn_implementation: str | None, device: str) -> None:
+    """Packing relies on transformers reading restarted position_ids as example boundaries: sdpa and eager build a
+    block-diagonal mask from them, flash_attention_2 calls flash-attn's varlen kernel (no padding, fastest on CUDA)."""
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise UserError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install "
+                            "'tuneforge[flash]' (CUDA only), or use sdpa") from None
+        if device == "cpu":
+            raise UserError("model.attn_implementation=flash_attention_2 runs on CUDA only; use sdpa on CPU")
+
+
 def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a batch, for throughput."""
     if "attention_mask" in batch:

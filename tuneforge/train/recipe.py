@@ -18,6 +18,7 @@ import torch
 from tuneforge.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
+from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.distributed import DistEnv, detect_env
 from tuneforge.errors import UserError
@@ -95,6 +96,8 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     train, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
 
+    if cfg.data.batching == "packing":
+        check_packing_backend(cfg.model.attn_implementation, env.device)
     model = load_model(cfg.model)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft)
