@@ -66,14 +66,26 @@ def tokenize_records(records: list[Record], tokenizer, template: str, seq_length
                         add_special_tokens=True)
         for i, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
             encoded[i] = _finish(ids, offsets, len(prompts[i]), tokenizer, train_on_inputs)
-    examples: list[Example] = []
-    for record, prompt, ex in zip(records, prompts, encoded):
-        if len(ex.input_ids) > seq_length:
-            ex = _shorten(record, _template_of(template, record), prompt, ex, tokenizer, seq_length,
-                          train_on_inputs, source, stats, truncation)
-            if ex is None:
-                continue
+    jobs = []
+    for i, (record, prompt, ex) in enumerate(zip(records, prompts, encoded)):
+        if len(ex.input_ids) <= seq_length:
+            continue
+        if _cuts_context(record, prompt, ex, seq_length, train_on_inputs, truncation):
+            jobs.append((i, record, _template_of(template, record), ex))
+            continue
+        encoded[i] = _shorten(record, _template_of(template, record), prompt, ex, tokenizer, seq_length,
+                              train_on_inputs, source, stats, truncation)
+        stats.truncated += encoded[i] is not None
+    for i, ex in _shorten_contexts(jobs, tokenizer, seq_length, train_on_inputs, source).items():
+        encoded[i] = ex
+        if ex is None:
+            stats.dropped["too long after truncating the context"] += 1
+        else:
             stats.truncated += 1
+    examples: list[Example] = []
+    for ex in encoded:
+        if ex is None:
+            continue
         if _no_labels(ex):
             stats.dropped["with no label tokens"] += 1
             continue
@@ -199,6 +211,55 @@ def _shorten(record: Record, template: str, prompt: str, ex: Example, tokenizer,
     return _cut_left(ex, tokenizer, seq_length)
 
 
+def _cuts_context(record: Record, prompt: str, ex: Example, seq_length: int, train_on_inputs: bool,
+                  truncation: str) -> bool:
+    """Whether `_shorten` would take its shorten-the-context branch (batched by `_shorten_contexts`)."""
+    if truncation != "auto" or not prompt or not record.truncatable or record.truncatable not in record.fields:
+        return False
+    return train_on_inputs or sum(1 for label in ex.labels if label != IGNORE) + 8 <= seq_length
+
+
+def _shorten_contexts(jobs: list[tuple[int, Record, str, Example]], tokenizer, seq_length: int,
+                      train_on_inputs: bool, source: str) -> dict[int, Example | None]:
+    """`_shorten`'s context loop for many examples at once, with the same result per example: each round
+    tokenizes the texts it cuts and the prompts it re-renders in one batched call each, instead of two calls per
+    example (SQuAD at seq_length 512 with a 512-token vocabulary truncates half of its 87k examples)."""
+    state = {i: [record, template, record.fields[record.truncatable], ex] for i, record, template, ex in jobs}
+    done: dict[int, Example | None] = {}
+    active = list(state)
+    for _ in range(6):
+        over = []
+        for i in active:
+            if len(state[i][3].input_ids) <= seq_length:
+                done[i] = state[i][3]
+            else:
+                over.append(i)
+        if not over:
+            active = []
+            break
+        texts = list(dict.fromkeys(state[i][2] for i in over))
+        offsets = dict(zip(texts, tokenizer(texts, return_offsets_mapping=True,
+                                            add_special_tokens=False)["offset_mapping"]))
+        renders = []
+        for i in over:
+            record, template, text, ex = state[i]
+            text = _cut_at(text, record.fields.get("answer"), len(ex.input_ids) - seq_length + 2, offsets[text])
+            if not text:
+                done[i] = None
+                continue
+            state[i][2] = text
+            fields = dict(record.fields, **{record.truncatable: text})
+            renders.append((i, render_prompt(template, Record(fields, record.completion), source)))
+        enc = tokenizer([p + state[i][0].completion for i, p in renders], return_offsets_mapping=True,
+                        add_special_tokens=True) if renders else {"input_ids": [], "offset_mapping": []}
+        for (i, prompt), ids, offs in zip(renders, enc["input_ids"], enc["offset_mapping"]):
+            state[i][3] = _finish(ids, offs, len(prompt), tokenizer, train_on_inputs)
+        active = [i for i, _ in renders]
+    for i in active:
+        done[i] = state[i][3] if len(state[i][3].input_ids) <= seq_length else None
+    return done
+
+
 def _cut_left(ex: Example, tokenizer, seq_length: int) -> Example:
     keep_bos = 1 if tokenizer.bos_token_id is not None and ex.input_ids[:1] == [tokenizer.bos_token_id] else 0
     cut = len(ex.input_ids) - seq_length
@@ -275,7 +336,10 @@ def tokenize_chat(records: list[Record], tokenizer, seq_length: int, train_on_in
 def _cut_around(text: str, answer: str | None, n_tokens: int, tokenizer) -> str:
     """Drop about n_tokens tokens from `text`, from the end if the answer stays inside, else from the start."""
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    offsets = enc["offset_mapping"]
+    return _cut_at(text, answer, n_tokens, enc["offset_mapping"])
+
+
+def _cut_at(text: str, answer: str | None, n_tokens: int, offsets) -> str:
     keep = len(offsets) - n_tokens
     if keep <= 0:
         return ""
