@@ -80,17 +80,14 @@ def test_packed_mixture_with_named_validation_sets_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("override, content, message", [
     ("data.train.format=alpaca", '[{"instruction": "x", "output": 1}]',
      r"^tuneforge: error: .*bad\.json: record 0: field 'output' must be str, got int\n$"),
-    ("data.train.format=alpaca", '[{"instruction": "x", "output": "y"}]\n',
-     r"^tuneforge: error: .*bad\.json: prompt_template names field \{nope\}"),
     ("data.train.format=squadd", "{}", r"^tuneforge: error: .*data\.train\.format: expected one of .*did you mean squad\?\n$"),
-    ("data.train.format=text", "{\"a\": 1}", r"^tuneforge: error: .*bad\.json: expected a JSON list of records"),
 ])
 def test_bad_data_is_one_line_and_exit_2(tiny_recipe, tmp_path, override, content, message):
+    """Through the real CLI (the other bad-data messages are checked at the unit level)."""
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    extra = ["data.prompt_template={nope}"] if "nope" in message else []
     proc = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "bad", f"data.train.path={bad}",
-                                                                       override, *extra), check=False)
+                                                                       override), check=False)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     import re

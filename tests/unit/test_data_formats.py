@@ -174,9 +174,10 @@ def test_hub_failure_is_one_line(monkeypatch):
     ("chat", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"a\.jsonl:1: field 'messages' has no assistant"),
     ("chat", '{"messages": [{"role": "bot", "content": "hi"}]}\n', r"a\.jsonl:1: messages\[0\]\.role must be"),
     ("text", '{"txt": "a"}\n', r"a\.jsonl:1: missing field 'text'"),
+    ("text", '{"text": "a"}', r"a\.json: expected a JSON list of records"),
 ])
 def test_bad_records_name_file_record_and_field(tmp_path, fmt, content, message):
-    path = tmp_path / ("a.json" if content.startswith("[") else "a.jsonl")
+    path = tmp_path / ("a.json" if content.startswith("[") or "\n" not in content else "a.jsonl")
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         load_records(str(path), fmt)
