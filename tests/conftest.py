@@ -87,3 +87,15 @@ def tiny_models(tmp_path_factory):
             cache[arch] = build_tiny_model(arch, root / arch)
         return cache[arch]
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_cache(tmp_path_factory):
+    """Tokenized-data cache in a temporary directory (inherited by run_cli), never the user's ~/.cache."""
+    old = os.environ.get("TUNEFORGE_CACHE_DIR")
+    os.environ["TUNEFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TUNEFORGE_CACHE_DIR", None)
+    else:
+        os.environ["TUNEFORGE_CACHE_DIR"] = old

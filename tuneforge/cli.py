@@ -14,7 +14,8 @@ EPILOG = """examples:
   tuneforge finetune -c recipes/quickstart.yaml
   tuneforge finetune -c recipes/quickstart.yaml train.max_steps=50 model.name_or_path=Qwen/Qwen2.5-0.5B
   tuneforge generate --run runs/quickstart --prompt "Context: ... Question: ... Answer:"
-  tuneforge generate --run runs/quickstart --examples 5"""
+  tuneforge generate --run runs/quickstart --examples 5
+  tuneforge prepare-data -c recipes/quickstart.yaml --out formatted.jsonl"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", action="store_true", help="use the base model without the run's adapter")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     gen.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    prep = sub.add_parser("prepare-data", help="show what training will see (counts, lengths, masking) and cache it",
+                          description="Read, render and tokenize a recipe's data exactly as `finetune` does (and fill "
+                                      "the tokenization cache): record counts per source, tokens, truncated and "
+                                      "dropped examples with reasons, a length histogram, padding waste or packing "
+                                      "efficiency, and one rendered example with its trained-on span marked.")
+    prep.add_argument("-c", "--config", required=True, help="recipe YAML file")
+    prep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    prep.add_argument("--out", metavar="FILE.jsonl", help="also write the formatted input/output records as jsonl")
+    prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -113,13 +124,16 @@ def cmd_generate(args) -> int:
         for prompt, out in zip(args.prompt, outputs):
             print(json.dumps({"prompt": prompt, "output": out}) if args.json else out)
         return 0
-    from tuneforge.data import load_records, template_for
-    from tuneforge.data.tokenize import render_prompt
+    from tuneforge.data import as_sources, load_records, template_for
+    from tuneforge.data.tokenize import _template_of, render_prompt
 
-    source = cfg.data.validation or cfg.data.train
-    records = load_records(source.path, source.format, args.examples)
+    source = (as_sources(cfg.data.validation) or as_sources(cfg.data.train))[0]
+    if source.format == "chat":
+        raise UserError("generate --examples: chat sources are not supported; pass --prompt")
+    records = load_records(source.path, source.format, args.examples, columns=source.columns,
+                           unanswerable=source.unanswerable, split=source.split)
     template = template_for(cfg.data, source)
-    prompts = [render_prompt(template, r, source.path) for r in records]
+    prompts = [render_prompt(_template_of(template, r), r, source.path) for r in records]
     outputs = generate(model, tokenizer, prompts, args.max_new_tokens, precision=precision, stop_at_newline=True)
     for record, out in zip(records, outputs):
         if args.json:
@@ -127,6 +141,16 @@ def cmd_generate(args) -> int:
             continue
         question = record.fields.get("question") or record.fields.get("input", "")
         print(f"Q: {question.strip()}\n   reference: {' | '.join(record.references[:3])}\n   tuneforge: {out}")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.data.report import print_data_report
+    from tuneforge.models import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    print_data_report(cfg, load_tokenizer(cfg.model), args.out)
     return 0
 
 
@@ -153,7 +177,8 @@ def cmd_slurm(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm}
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm,
+            "prepare-data": cmd_prepare_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, DataConfig, DataSource
 from tuneforge.errors import UserError
 
 _SECRET = re.compile(r"token|key|secret|password", re.IGNORECASE)
@@ -124,8 +124,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except _FieldError as e:
-                errors.append(e.message)
-        raise _FieldError(path, " or ".join(dict.fromkeys(errors)))
+                errors.append(e)
+        # A mapping meant for a dataclass option (or a list for a list option): report that option's own error,
+        # with its own path (data.train.format, not "data.train: ... or expected a list").
+        raw = value.parsed if isinstance(value, Override) else value
+        for option, e in zip([o for o in options if o is not type(None)], errors):
+            if (isinstance(raw, dict) and dataclasses.is_dataclass(option)) or \
+                    (isinstance(raw, list) and typing.get_origin(option) is list):
+                raise e
+        raise _FieldError(path, " or ".join(dict.fromkeys(e.message for e in errors)))
     if isinstance(value, Override):
         value = value.resolve(tp)
     if value is None:
@@ -232,12 +239,18 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
         p = cfg.peft
         _check(p.lora_rank >= 1, origin, f"peft.lora_rank: must be >= 1, got {p.lora_rank}")
         _check(0 <= p.lora_dropout < 1, origin, f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
-    for name, src in (("data.train", d.train), ("data.validation", d.validation)):
-        if src is None:
-            continue
+    from tuneforge.data.sources import is_hub_id
+
+    for name, src in _data_sources(d):
         _check(src.limit is None or src.limit >= 1, origin, f"{name}.limit: must be >= 1 or null, got {src.limit}")
+        _check(src.weight > 0, origin, f"{name}.weight: must be > 0, got {src.weight}")
         _check(bool(src.path), origin, f"{name}.path: required")
-        _check(not check_paths or _exists(src.path, "is_file"), origin, f"{name}.path: no such file '{src.path}'")
+        _check(not check_paths or _exists(src.path) or is_hub_id(src.path), origin,
+               f"{name}.path: no such file '{src.path}'")
+    _check(isinstance(d.train, DataSource) or len(d.train) >= 1, origin, "data.train: needs at least one source")
+    _check(d.val_split is None or 0 < d.val_split < 1, origin, f"data.val_split: must be in (0, 1), got {d.val_split}")
+    _check(d.val_split is None or not d.validation, origin,
+           "data.val_split: carves validation data from train only when data.validation is not given")
     if not check_paths:
         return
     mp = cfg.model.name_or_path
@@ -253,6 +266,17 @@ def _exists(path: str, kind: str = "exists") -> bool:
         return getattr(Path(path).expanduser(), kind)()
     except (OSError, ValueError):
         return False
+
+
+def _data_sources(d: DataConfig) -> list[tuple[str, DataSource]]:
+    """(config path, source) of every train and validation source, whether given as one mapping or a list."""
+    out = []
+    for key, value in (("data.train", d.train), ("data.validation", d.validation)):
+        if isinstance(value, list):
+            out.extend((f"{key}[{i}]", src) for i, src in enumerate(value))
+        elif value is not None:
+            out.append((key, value))
+    return out
 
 
 def _looks_local(name: str) -> bool:

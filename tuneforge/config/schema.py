@@ -43,19 +43,37 @@ class PeftConfig:
 
 @dataclass
 class DataSource:
-    path: str = doc("data file (json / jsonl)", "")
-    format: Literal["squad", "input_output"] = doc("record format of the file", "squad")
+    path: str = doc("data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
+    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text"] = doc(
+        "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text", "squad")
     limit: Optional[int] = doc("use only the first N examples", None)
+    name: Optional[str] = doc("name in reports and in metrics (val_loss/<name>); default: the file name", None)
+    weight: float = doc("sampling weight among several training sources (share of the drawn examples)", 1.0)
+    columns: Optional[dict] = doc("map the format's fields to this data's column names, e.g. {output: answer}", None)
+    prompt_template: Optional[str] = doc("this source's prompt with {field} placeholders (overrides data.prompt_template)", None)
+    truncation: Literal["auto", "left", "drop"] = doc(
+        "over-long examples: auto = shorten the context (squad, dolly) else cut the prompt's left; left; drop", "auto")
+    unanswerable: Optional[str] = doc("SQuAD v2 questions without an answer: null = skip them, or a fixed answer text", None)
+    split: str = doc("split of a Hub dataset or a saved DatasetDict", "train")
 
 
 @dataclass
 class DataConfig:
-    train: DataSource = doc("training data source", factory=DataSource)
-    validation: Optional[DataSource] = doc("validation data source (optional)", None)
+    train: Union[DataSource, list[DataSource]] = doc(
+        "training data: one source, or a list of sources sampled by their `weight`", factory=DataSource)
+    validation: Union[DataSource, list[DataSource], None] = doc(
+        "validation data (optional): one source, or a list of named sets reported separately", None)
     seq_length: int = doc("maximum tokens per example; longer prompts are truncated (context first), never the answer", 512)
     prompt_template: Optional[str] = doc(
         "prompt with {field} placeholders; default per format (squad: 'Context: {context} Question: {question} Answer:')", None)
     train_on_inputs: bool = doc("also compute the loss on prompt tokens", False)
+    batching: Literal["pad_longest", "pad_to_max_length", "group_by_length", "packing"] = doc(
+        "pad_longest; pad_to_max_length (seq_length); group_by_length (similar lengths per batch); packing "
+        "(several examples per row of seq_length, no cross-attention; micro_batch_size counts rows)", "pad_longest")
+    val_split: Optional[float] = doc("hold out this fraction of the training examples as validation (no validation given)", None)
+    chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
+    cache: bool = doc("reuse tokenized data when the files, tokenizer, template and lengths are unchanged", True)
+    cache_dir: Optional[str] = doc("tokenized-data cache (default $TUNEFORGE_CACHE_DIR or ~/.cache/tuneforge/data)", None)
 
 
 @dataclass

@@ -1,31 +1,15 @@
-"""Data: sources -> prompt rendering -> tokenization with a loss mask -> batches."""
+"""Data: sources -> prompt rendering -> tokenization with a loss mask (cached) -> padded or packed batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from tuneforge.data.loader import (Collator, MicroBatchSampler, PackedCollator, batching_report, build_collator,
+                                   build_eval_batches, build_train_loader, count_input_tokens)
+from tuneforge.data.prepare import (PreparedData, TokenTable, as_sources, prepare_data, prepare_set, prepare_source,
+                                    source_name, template_for)
+from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, load_records, load_source_records
+from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, tokenize_chat, tokenize_records
 
-from tuneforge.config.schema import DataConfig, DataSource
-from tuneforge.data.loader import Collator, MicroBatchSampler, build_eval_batches, build_train_loader
-from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, load_records
-from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, tokenize_records
-
-
-@dataclass
-class PreparedData:
-    records: list[Record]
-    examples: list[Example]
-    stats: TokenizeStats
-
-
-def template_for(data: DataConfig, source: DataSource) -> str:
-    return data.prompt_template or DEFAULT_TEMPLATES[source.format]
-
-
-def prepare_source(data: DataConfig, source: DataSource, tokenizer) -> PreparedData:
-    records = load_records(source.path, source.format, source.limit)
-    examples, stats = tokenize_records(records, tokenizer, template_for(data, source), data.seq_length,
-                                       data.train_on_inputs, source=source.path)
-    return PreparedData(records, examples, stats)
-
-
-__all__ = ["IGNORE", "Collator", "Example", "MicroBatchSampler", "PreparedData", "Record", "TokenizeStats",
-           "build_eval_batches", "build_train_loader", "prepare_source", "template_for", "tokenize_records"]
+__all__ = ["DEFAULT_TEMPLATES", "IGNORE", "Collator", "Example", "MicroBatchSampler", "PackedCollator",
+           "PreparedData", "Record", "TokenTable", "TokenizeStats", "as_sources", "batching_report",
+           "build_collator", "build_eval_batches", "build_train_loader", "count_input_tokens", "load_records",
+           "load_source_records", "prepare_data", "prepare_set", "prepare_source", "source_name", "template_for",
+           "tokenize_chat", "tokenize_records"]

@@ -18,7 +18,9 @@ import torch
 from tuneforge.checkpoint import (find_latest, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
                                   save_sharded_checkpoint)
 from tuneforge.config import Config, dump_config, to_dict
-from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
+from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
+from tuneforge.data.loader import check_packing_backend
+from tuneforge.data.report import data_summary_lines
 from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, init_distributed, inner_model,
                                    launched_world_size, needs_skeleton, resolve_strategy, set_gradient_sync, shutdown,
                                    wrap_model)
@@ -82,16 +84,24 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def validate(module, batches, precision, env: DistEnv) -> dict:
-    """Token-weighted mean loss over the whole validation set (all ranks' shares), and its perplexity."""
+    """Token-weighted mean loss over the whole validation set (all ranks' shares), and its perplexity. With
+    several named sets ({name: batches}) also val_loss/<name> per set; val_loss is then over all their tokens."""
+    named = batches if isinstance(batches, dict) else {"": batches}
     module.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        with precision.context():
-            total += float(module({k: v.to(env.device) for k, v in batch.items()}))
-        tokens += count_label_tokens(batch)
+    sums = {}
+    for name, set_batches in named.items():
+        total, tokens = 0.0, 0
+        for batch in set_batches:
+            with precision.context():
+                total += float(module({k: v.to(env.device) for k, v in batch.items()}))
+            tokens += count_label_tokens(batch)
+        sums[name] = (all_reduce_sum(total, env), all_reduce_sum(tokens, env))
     module.train()
-    loss = all_reduce_sum(total, env) / max(all_reduce_sum(tokens, env), 1)
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    if len(named) > 1:
+        out.update({f"val_loss/{name}": t / max(n, 1) for name, (t, n) in sums.items()})
+    return out
 
 
 def save_state(run_dir: Path, step: int, module, optimizer, scheduler, loader, cfg: Config, env: DistEnv) -> None:
@@ -132,9 +142,10 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     precision = resolve_precision(cfg.model.dtype, env.device.split(":")[0])
 
     tokenizer = load_tokenizer(cfg.model)
-    train = prepare_source(cfg.data, cfg.data.train, tokenizer)
-    val = prepare_source(cfg.data, cfg.data.validation, tokenizer) if cfg.data.validation else None
+    train, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
 
+    if cfg.data.batching == "packing":
+        check_packing_backend(cfg.model.attn_implementation, env.device)
     model = load_model_skeleton(cfg.model) if needs_skeleton(strategy, env) else load_model(cfg.model)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft)
@@ -149,11 +160,13 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
     loader = build_train_loader(train.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
-                                env.rank, env.world_size)
+                                env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
+                                sizes=train.bounds_sizes, weights=train.weights)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
-    val_batches = (build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
-                                      env.rank, env.world_size) if val else [])
+    val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
+                                            env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length)
+                   for name, val in vals.items()}
     optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
     scheduler = build_scheduler(optimizer, t.lr_scheduler, total_steps)
 
@@ -166,7 +179,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
          f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
     if adapters:
         info(f"adapter {cfg.peft.method}: {adapters}")
-    info(f"data: train {train.stats.summary()}" + (f"; validation {val.stats.summary()}" if val else ""))
+    for line in data_summary_lines(train, vals, loader.batch_sampler, cfg.data):
+        info(line)
     info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
@@ -219,7 +233,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
         metrics = {}
         if step % t.log_every_steps == 0 or step == total_steps or not healthy:
             seconds = time.perf_counter() - started
-            real_tokens = all_reduce_sum(sum(int(mb["attention_mask"].sum()) for mb in micro_batches), env)
+            real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
             metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": real_tokens / seconds, "label_tokens": int(step_tokens),
                        "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
