@@ -227,10 +227,9 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
            "checkpoint.every_steps: must be >= 1 or null")
     _check(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, origin,
            "checkpoint.keep_last: must be >= 1 or null")
-    if cfg.peft is not None:
-        p = cfg.peft
-        _check(p.lora_rank >= 1, origin, f"peft.lora_rank: must be >= 1, got {p.lora_rank}")
-        _check(0 <= p.lora_dropout < 1, origin, f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
+    from tuneforge.peft.validate import validate_peft_section
+
+    validate_peft_section(cfg, origin)
     for name, src in (("data.train", d.train), ("data.validation", d.validation)):
         if src is None:
             continue

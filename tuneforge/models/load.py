@@ -87,6 +87,10 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     kwargs = _hub_kwargs(cfg)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization is not None:
+        from tuneforge.models.quantize import build_bnb_config
+
+        kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
         model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:

@@ -22,7 +22,7 @@ from tuneforge.distributed import DistEnv, detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import (causal_lm_loss, count_label_tokens, count_parameters, load_model, load_tokenizer,
                               resolve_precision)
-from tuneforge.peft import adapter_summary, apply_peft
+from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.train.export import save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -88,8 +88,7 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     val = prepare_source(cfg.data, cfg.data.validation, tokenizer) if cfg.data.validation else None
 
     model = load_model(cfg.model)
-    if cfg.peft is not None:
-        model = apply_peft(model, cfg.peft)
+    model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
     model.to(env.device).train()
     trainable, total = count_parameters(model)
 
@@ -110,8 +109,8 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
     sink = MetricsSink(run_dir, cfg, total_steps, start_step, to_dict(cfg))
     sink.info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
               f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
-    if cfg.peft is not None:
-        sink.info(f"adapter {cfg.peft.method}: {adapter_summary(model)}")
+    for line in describe_finetuning(model, cfg):
+        sink.info(line)
     sink.info(f"data: train {train.stats.summary()}" + (f"; validation {val.stats.summary()}" if val else ""))
     sink.info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
               f"{env.world_size} process(es); {total_steps} steps ({per_epoch:.1f} per epoch)"
