@@ -14,7 +14,8 @@ EPILOG = """examples:
   tuneforge finetune -c recipes/quickstart.yaml
   tuneforge finetune -c recipes/quickstart.yaml train.max_steps=50 model.name_or_path=Qwen/Qwen2.5-0.5B
   tuneforge generate --run runs/quickstart --prompt "Context: ... Question: ... Answer:"
-  tuneforge generate --run runs/quickstart --examples 5"""
+  tuneforge generate --run runs/quickstart --examples 5
+  tuneforge merge --run runs/quickstart --out merged/quickstart"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", action="store_true", help="use the base model without the run's adapter")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     gen.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    mg = sub.add_parser("merge", help="merge a run's adapter into the base weights (full HF model dir)",
+                        description="Fold a run's LoRA / DoRA / rsLoRA or IA3 adapter into a full-precision copy "
+                                    "of the base model (QLoRA runs too) and save it with the tokenizer, loadable "
+                                    "with AutoModelForCausalLM.from_pretrained. Prompt methods and bottleneck "
+                                    "adapters cannot be merged.")
+    mg.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    mg.add_argument("--out", required=True, help="output directory for the merged model")
+    mg.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the saved weights (default float32)")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    mg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -93,6 +106,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from tuneforge.peft.merge import merge_run
+
+    out = merge_run(args.run, args.out, args.dtype, args.overwrite)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a tuneforge user (deprecations inside transformers/torchdata)."""
     import warnings
@@ -105,7 +126,7 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate}
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,8 +257,9 @@ def to_dict(cfg: Config) -> dict:
 
 def _redact(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: ("<redacted>" if _SECRET.search(str(k)) and v not in (None, "") and not isinstance(v, (dict, list))
-                    else _redact(v)) for k, v in node.items()}
+        # Secrets are strings: a number under a secret-looking key (peft.num_virtual_tokens) is kept.
+        return {k: ("<redacted>" if _SECRET.search(str(k)) and isinstance(v, str) and v != "" else _redact(v))
+                for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]
     return node

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -15,6 +16,8 @@ def quiet_bitsandbytes() -> None:
     """bitsandbytes warns at import, on CPUs with AVX-512 BF16, that an optional downloadable kernel is missing;
     its own CPU kernels run instead, so the line says nothing a tuneforge user can act on."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # LLM.int8 announces on every matmul that it casts fp32 inputs to fp16 for its int8 kernel (by design)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
 def require_bitsandbytes() -> None:

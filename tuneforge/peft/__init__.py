@@ -236,8 +236,9 @@ def check_mergeable(final: Path) -> list[tuple[str, Path]]:
         if method not in MERGEABLE:
             why = ("its virtual tokens are extra inputs, not a change of weights" if method in PROMPT_LEARNING
                    else "it adds computation that no weight change reproduces")
+            how = "tuneforge generate" if method == "adapter" else "peft or tuneforge generate"
             raise UserError(f"peft.method {method} cannot be merged into the base weights ({why}); "
-                            f"load {final} with peft (or tuneforge generate) instead")
+                            f"use the adapter in {final} with {how} instead")
     return adapters
 
 

@@ -18,7 +18,8 @@ def build_peft_config(cfg: PeftConfig, model):
                                bias=cfg.lora_bias, target_modules=cfg.target_modules, use_dora=cfg.use_dora,
                                use_rslora=cfg.use_rslora, modules_to_save=cfg.modules_to_save)
     if cfg.method == "ia3":
-        return peft.IA3Config(**common, target_modules=cfg.target_modules, feedforward_modules=cfg.feedforward_modules,
+        targets, feedforward = resolve_ia3_modules(cfg, model)
+        return peft.IA3Config(**common, target_modules=targets, feedforward_modules=feedforward,
                               modules_to_save=cfg.modules_to_save)
     if cfg.method == "prompt_tuning":
         init = {"prompt_tuning_init": "RANDOM"}
@@ -41,3 +42,30 @@ def build_peft_config(cfg: PeftConfig, model):
         return peft.AdaptionPromptConfig(**common, adapter_len=cfg.adapter_len,
                                          adapter_layers=min(cfg.adapter_layers or depth, depth))
     raise ValueError(f"peft has no method {cfg.method}")
+
+
+def linear_leaf_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the decoder ('all-linear' without the output layer)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
+
+
+def resolve_ia3_modules(cfg: PeftConfig, model):
+    """IA3 targets as leaf names, with feedforward modules among them. peft expands 'all-linear' to full module
+    paths but keeps its default feedforward list as leaf names, and its saved config then fails its own
+    "feedforward is a subset of targets" check when plain peft reloads it; leaf names on both sides reload."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+
+    targets = cfg.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = linear_leaf_names(model)
+    feedforward = cfg.feedforward_modules
+    if feedforward is None:
+        feedforward = FEEDFORWARD.get(model.config.model_type)
+        if feedforward is not None and isinstance(targets, list):
+            feedforward = [f for f in feedforward if f in targets]
+    return targets, feedforward
