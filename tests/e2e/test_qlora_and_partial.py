@@ -15,7 +15,8 @@ def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_rec
     from tuneforge.eval import load_run_model
 
     out = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(
-        tmp_path, "qlora", "data.train.limit=8", "train.max_steps=4", "train.lr_scheduler.warmup_steps=0",
+        tmp_path, "qlora", "data.train.limit=8", "data.seq_length=128", "train.max_steps=4",
+        "train.lr_scheduler.warmup_steps=0",
         "train.optimizer.lr=0.03", "peft.lora_rank=4", "peft.lora_alpha=8", "train.gradient_checkpointing=true",
         "model.quantization={bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}"))
     assert "base weights: 4-bit nf4 + double quant, bfloat16 matmuls (frozen)" in out.stdout
@@ -31,13 +32,16 @@ def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_rec
     run_cli("merge", "--run", str(tmp_path / "qlora"), "--out", str(merged))
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert_merged_matches_unmerged(merged, tmp_path / "qlora" / "final", probe_ids())
-    run_cli("merge", "--run", str(tmp_path / "qlora"), "--out", str(merged), "--dtype", "bfloat16", "--overwrite")
-    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.bfloat16
+    from tuneforge.peft.merge import merge_run
+
+    merge_run(tmp_path / "qlora", tmp_path / "merged-bf16", "bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged-bf16").dtype == torch.bfloat16
 
 
 def test_partial_finetune_changes_exactly_the_selected_parameters(tiny_recipe, tmp_path):
     out = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(
-        tmp_path, "partial", "peft=null", "train.max_steps=2", "train.optimizer.lr=0.001", "checkpoint.every_steps=2",
+        tmp_path, "partial", "peft=null", "data.seq_length=128", "train.max_steps=2", "train.optimizer.lr=0.001",
+        "checkpoint.every_steps=2",
         "train.trainable={top_layers: 2, patterns: ['^model\\.norm\\.']}"))
     assert "trainable: top 2 of 5 decoder layers (model.layers.3-4), /^model\\.norm\\./ (1 tensors)" in out.stdout
     final = tmp_path / "partial" / "final"
@@ -54,12 +58,16 @@ def test_partial_finetune_changes_exactly_the_selected_parameters(tiny_recipe, t
     assert len(state["optimizer"]["state"]) == len(selected)
 
 
-def test_tied_head_alone_is_refused(tiny_recipe, tmp_path):
-    proc = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(
-        tmp_path, "tied", "peft=null", "train.trainable={lm_head: true}"), check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "ties its LM head to the input embeddings" in lines[0]
+def test_tied_head_alone_is_refused():
+    from tuneforge.config.schema import TrainableConfig
+    from tuneforge.errors import UserError
+    from tuneforge.peft.freeze import apply_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    with pytest.raises(UserError, match="ties its LM head to the input embeddings"):
+        apply_trainable(model, TrainableConfig(lm_head=True))
+    apply_trainable(model, TrainableConfig(lm_head=True, embeddings=True))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -124,6 +124,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except _FieldError as e:
+                if _same_shape(value.parsed if isinstance(value, Override) else value, option):
+                    raise  # a mapping for a dataclass, a list for a list: that option's own error is the precise one
                 errors.append(e.message)
         raise _FieldError(path, " or ".join(dict.fromkeys(errors)))
     if isinstance(value, Override):
@@ -170,6 +172,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise _FieldError(path, f"expected a string, got {_describe(value)}")
     return value
+
+
+def _same_shape(value: Any, tp: Any) -> bool:
+    return ((isinstance(value, dict) and dataclasses.is_dataclass(tp))
+            or (isinstance(value, list) and typing.get_origin(tp) is list))
 
 
 def _type_name(tp: Any) -> str:

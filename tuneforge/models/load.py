@@ -101,8 +101,13 @@ def load_model(cfg: ModelConfig, path: str | None = None):
 
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights_in(p) for p in model.parameters())
     return trainable, total
+
+
+def _weights_in(p) -> int:
+    # bitsandbytes stores 4-bit weights packed two to a uint8 element
+    return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
 
 
 def is_local(path: str) -> bool:

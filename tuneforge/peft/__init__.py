@@ -16,6 +16,7 @@ The tokenizer always sits in final/ itself."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -28,6 +29,8 @@ MANIFEST = "tuneforge_adapters.json"
 _STAGE = {"lora": 0, "ia3": 0, "llama_adapter": 0, "adapter": 1, "prompt_tuning": 2, "p_tuning": 2, "prefix_tuning": 2}
 _MARKERS = ("lora_", "ia3_", "adaption_", "bottleneck", "modules_to_save", "prompt_encoder")
 quiet_bitsandbytes()  # before anything imports peft (which imports bitsandbytes)
+# generate() passes position ids, which prompt methods rebuild themselves to cover their virtual tokens
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 def _import_peft():
@@ -64,17 +67,27 @@ def apply_peft(model, cfg: Union[PeftConfig, list[PeftConfig]]):
     outermost model (a PeftModel, or the transformers model itself for bottleneck adapters alone)."""
     outer = inner = model
     keep: list = []  # trainable parameters of the stages applied so far (a later peft wrapper freezes them)
+    stack = []
     for part in sorted(peft_parts(cfg), key=lambda p: _STAGE[p.method]):
         if part.method == "adapter":
             from tuneforge.peft.bottleneck import apply_bottleneck
 
             apply_bottleneck(inner, part.bottleneck_size, part.bottleneck_activation)
+            stack.append(("adapter", inner))
         else:
             outer = _get_peft_model(inner, part)
             inner = outer.get_base_model()
+            stack.append((part.method, outer))
         for p in keep:
             p.requires_grad_(True)
         keep = [p for p in outer.parameters() if p.requires_grad]
+    return _record_stack(outer, stack)
+
+
+def _record_stack(outer, stack: list):
+    # A prompt method's PeftModel wraps the transformers model, not the PeftModel of a weight adapter under it,
+    # so the stack cannot be found by unwrapping: the outermost model remembers it (a plain attribute).
+    object.__setattr__(outer, "tuneforge_adapters", stack)
     return outer
 
 
@@ -99,6 +112,8 @@ def adapter_chain(model) -> list[tuple[str, object]]:
     from tuneforge.peft.bottleneck import has_bottleneck
     from tuneforge.peft.methods import PEFT_TYPES
 
+    if "tuneforge_adapters" in vars(model):
+        return list(vars(model)["tuneforge_adapters"])
     chain, m = [], model
     while isinstance(m, PeftModel):
         chain.append((PEFT_TYPES[str(m.active_peft_config.peft_type.value)], m))
@@ -218,13 +233,16 @@ def load_adapters(model, final: Path, trainable: bool = False):
 
     peft = _import_peft()
     outer = inner = model
+    stack = []
     for method, directory in saved_adapters(final):
         if method == "adapter":
             load_bottleneck(inner, directory)
+            stack.append(("adapter", inner))
         else:
             outer = peft.PeftModel.from_pretrained(inner, str(directory), is_trainable=trainable)
             inner = outer.get_base_model()
-    return outer
+            stack.append((method, outer))
+    return _record_stack(outer, stack)
 
 
 def check_mergeable(final: Path) -> list[tuple[str, Path]]:
@@ -247,8 +265,9 @@ def describe_finetuning(model, cfg: Config) -> list[str]:
     lines = []
     q = cfg.model.quantization
     if q is not None:
-        kind = f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") + f", {q.compute_dtype} matmuls" \
-            if q.bits == 4 else "8-bit LLM.int8"
+        kind = "8-bit LLM.int8"
+        if q.bits == 4:
+            kind = f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") + f", {q.compute_dtype} matmuls"
         lines.append(f"base weights: {kind} (frozen)")
     if cfg.peft is not None:
         lines.extend(describe_adapters(model))
