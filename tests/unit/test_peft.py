@@ -132,3 +132,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(method):
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
     for n in grads_a:
         assert torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_overrides_address_items_of_a_peft_list():
+    recipe = {**BASE, "peft": [{"method": "lora"}, {"method": "prompt_tuning"}]}
+    cfg = load_config(recipe, ["peft.0.lora_rank=4", "peft.1.num_virtual_tokens=5"])
+    assert (cfg.peft[0].lora_rank, cfg.peft[1].num_virtual_tokens) == (4, 5)
+    with pytest.raises(UserError, match=r"peft is a list of 2; address an item as peft\.N\.<key>"):
+        load_config(recipe, ["peft.lora_rank=4"])

@@ -62,11 +62,20 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key.strip():
         raise UserError(f"override '{item}': expected key.sub=value")
     parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
+    node, i = raw, 0
+    while i < len(parts) - 1:
+        part, child = parts[i], node.get(parts[i])
+        if isinstance(child, list):  # a list of sections (peft: [...]): address an item by its index, peft.0.x
+            index = parts[i + 1]
+            if (i + 2 >= len(parts) or not index.isdigit() or int(index) >= len(child)
+                    or not isinstance(child[int(index)], dict)):
+                raise UserError(f"override '{item}': {'.'.join(parts[:i + 1])} is a list of {len(child)}; "
+                                f"address an item as {'.'.join(parts[:i + 1])}.N.<key>")
+            child = child[int(index)]
+            i += 1
+        elif not isinstance(child, dict):
+            child = node[part] = {}
+        node, i = child, i + 1
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
