@@ -140,3 +140,41 @@ def test_overrides_address_items_of_a_peft_list():
     assert (cfg.peft[0].lora_rank, cfg.peft[1].num_virtual_tokens) == (4, 5)
     with pytest.raises(UserError, match=r"peft is a list of 2; address an item as peft\.N\.<key>"):
         load_config(recipe, ["peft.lora_rank=4"])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
+def test_bottleneck_adapters_sit_after_attention_and_mlp_of_other_architectures(tiny_models, arch, tmp_path):
+    from tuneforge.config.schema import PeftConfig
+    from tuneforge.peft import apply_peft, load_adapters, save_adapters
+
+    path = tiny_models(arch)
+    model = apply_peft(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                       PeftConfig(method="adapter", bottleneck_size=4)).eval()
+    sites = {n.rsplit(".bottleneck.", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert len(sites) == 2 * 2 and {s.rsplit(".", 1)[-1] for s in sites} == ({"attn", "mlp"} if arch == "gpt2"
+                                                                            else {"self_attn", "mlp"})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapters(model, tmp_path, str(path))
+    fresh = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = ids()
+    base = logits(fresh, batch)
+    reloaded = load_adapters(fresh, tmp_path)
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))
+    assert (logits(reloaded, batch) - base).abs().max() > 1e-3
+
+
+def test_8bit_base_trains_lora():
+    from tuneforge.models import causal_lm_loss, load_model
+    from tuneforge.peft import apply_finetuning
+
+    cfg = config(model={"name_or_path": str(STORIES), "quantization": {"bits": 8}}, peft={"method": "lora"})
+    model = apply_finetuning(load_model(cfg.model), cfg).train()
+    assert any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+    batch = {**ids(), "labels": ids()["input_ids"]}
+    causal_lm_loss(model, batch).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(g is not None for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
