@@ -15,7 +15,8 @@ EPILOG = """examples:
   tuneforge finetune -c recipes/quickstart.yaml train.max_steps=50 model.name_or_path=Qwen/Qwen2.5-0.5B
   tuneforge generate --run runs/quickstart --prompt "Context: ... Question: ... Answer:"
   tuneforge generate --run runs/quickstart --examples 5
-  tuneforge prepare-data -c recipes/quickstart.yaml --out formatted.jsonl"""
+  tuneforge prepare-data -c recipes/quickstart.yaml --out formatted.jsonl
+  tuneforge merge --run runs/quickstart --out merged/quickstart"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
     prep.add_argument("--out", metavar="FILE.jsonl", help="also write the formatted input/output records as jsonl")
     prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    mg = sub.add_parser("merge", help="merge a run's adapter into the base weights (full HF model dir)",
+                        description="Fold a run's LoRA / DoRA / rsLoRA or IA3 adapter into a full-precision copy "
+                                    "of the base model (QLoRA runs too) and save it with the tokenizer, loadable "
+                                    "with AutoModelForCausalLM.from_pretrained. Prompt methods and bottleneck "
+                                    "adapters cannot be merged.")
+    mg.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    mg.add_argument("--out", required=True, help="output directory for the merged model")
+    mg.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the saved weights (default float32)")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    mg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -154,6 +167,14 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from tuneforge.peft.merge import merge_run
+
+    out = merge_run(args.run, args.out, args.dtype, args.overwrite)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a tuneforge user (deprecations inside transformers/torchdata)."""
     import warnings
@@ -178,7 +199,7 @@ def cmd_slurm(args) -> int:
 
 
 COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm,
-            "prepare-data": cmd_prepare_data}
+            "prepare-data": cmd_prepare_data, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,11 +62,20 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key.strip():
         raise UserError(f"override '{item}': expected key.sub=value")
     parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
+    node, i = raw, 0
+    while i < len(parts) - 1:
+        part, child = parts[i], node.get(parts[i])
+        if isinstance(child, list):  # a list of sections (peft: [...]): address an item by its index, peft.0.x
+            index = parts[i + 1]
+            if (i + 2 >= len(parts) or not index.isdigit() or int(index) >= len(child)
+                    or not isinstance(child[int(index)], dict)):
+                raise UserError(f"override '{item}': {'.'.join(parts[:i + 1])} is a list of {len(child)}; "
+                                f"address an item as {'.'.join(parts[:i + 1])}.N.<key>")
+            child = child[int(index)]
+            i += 1
+        elif not isinstance(child, dict):
+            child = node[part] = {}
+        node, i = child, i + 1
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -124,15 +133,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except _FieldError as e:
-                errors.append(e)
-        # A mapping meant for a dataclass option (or a list for a list option): report that option's own error,
-        # with its own path (data.train.format, not "data.train: ... or expected a list").
-        raw = value.parsed if isinstance(value, Override) else value
-        for option, e in zip([o for o in options if o is not type(None)], errors):
-            if (isinstance(raw, dict) and dataclasses.is_dataclass(option)) or \
-                    (isinstance(raw, list) and typing.get_origin(option) is list):
-                raise e
-        raise _FieldError(path, " or ".join(dict.fromkeys(e.message for e in errors)))
+                if _same_shape(value.parsed if isinstance(value, Override) else value, option):
+                    raise  # a mapping for a dataclass, a list for a list: that option's own error is the precise one
+                errors.append(e.message)
+        raise _FieldError(path, " or ".join(dict.fromkeys(errors)))
     if isinstance(value, Override):
         value = value.resolve(tp)
     if value is None:
@@ -177,6 +181,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise _FieldError(path, f"expected a string, got {_describe(value)}")
     return value
+
+
+def _same_shape(value: Any, tp: Any) -> bool:
+    return ((isinstance(value, dict) and dataclasses.is_dataclass(tp))
+            or (isinstance(value, list) and typing.get_origin(tp) is list))
 
 
 def _type_name(tp: Any) -> str:
@@ -235,12 +244,10 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
            "checkpoint.every_steps: must be >= 1 or null")
     _check(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, origin,
            "checkpoint.keep_last: must be >= 1 or null")
-    if cfg.peft is not None:
-        p = cfg.peft
-        _check(p.lora_rank >= 1, origin, f"peft.lora_rank: must be >= 1, got {p.lora_rank}")
-        _check(0 <= p.lora_dropout < 1, origin, f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
     from tuneforge.data.sources import is_hub_id
+    from tuneforge.peft.validate import validate_peft_section
 
+    validate_peft_section(cfg, origin)
     for name, src in _data_sources(d):
         _check(src.limit is None or src.limit >= 1, origin, f"{name}.limit: must be >= 1 or null, got {src.limit}")
         _check(src.weight > 0, origin, f"{name}.weight: must be > 0, got {src.weight}")
@@ -291,8 +298,9 @@ def to_dict(cfg: Config) -> dict:
 
 def _redact(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: ("<redacted>" if _SECRET.search(str(k)) and v not in (None, "") and not isinstance(v, (dict, list))
-                    else _redact(v)) for k, v in node.items()}
+        # Secrets are strings: a number under a secret-looking key (peft.num_virtual_tokens) is kept.
+        return {k: ("<redacted>" if _SECRET.search(str(k)) and isinstance(v, str) and v != "" else _redact(v))
+                for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]
     return node

@@ -28,17 +28,67 @@ class ModelConfig:
     attn_implementation: Optional[str] = doc("attention backend passed to transformers (sdpa, eager, flash_attention_2)", "sdpa")
     trust_remote_code: bool = doc("run model code shipped with the checkpoint (only for sources you trust)", False)
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) when name_or_path is a Hub id", None)
+    quantization: Optional[QuantizationConfig] = doc(
+        "load the frozen base weights quantized with bitsandbytes (QLoRA; needs peft and the `qlora` extra); "
+        "null = full precision", None)
+
+
+@dataclass
+class QuantizationConfig:
+    bits: Literal[4, 8] = doc("4 = QLoRA (nf4/fp4 blocks), 8 = LLM.int8 weights", 4)
+    quant_type: Literal["nf4", "fp4"] = doc("4-bit data type (bits: 4 only)", "nf4")
+    double_quant: bool = doc("also quantize the per-block scales, ~0.4 bit/parameter less memory (bits: 4 only)", True)
+    compute_dtype: Literal["bfloat16", "float32"] = doc("dtype the 4-bit matmuls run in (bits: 4 only)", "bfloat16")
+
+
+PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter", "adapter")
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["lora"] = doc("PEFT method", "lora")
-    lora_rank: int = doc("LoRA rank r", 8)
-    lora_alpha: float = doc("LoRA scaling alpha (scale = alpha / r)", 16)
-    lora_dropout: float = doc("dropout on the LoRA input", 0.0)
-    lora_bias: Literal["none", "all", "lora_only"] = doc("which biases train alongside LoRA (peft `bias`)", "none")
+    method: Literal["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter", "adapter"] = doc(
+        "PEFT method: lora (also DoRA/rsLoRA), ia3, prompt_tuning, p_tuning (prompt encoder), prefix_tuning, "
+        "llama_adapter (adaption prompt), adapter (bottleneck adapters after attention and MLP outputs); "
+        "a field that does not apply to the method must keep its default", "lora")
+    lora_rank: int = doc("LoRA rank r (lora)", 8)
+    lora_alpha: float = doc("LoRA scaling alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora) (lora)", 16)
+    lora_dropout: float = doc("dropout on the LoRA input (lora)", 0.0)
+    lora_bias: Literal["none", "all", "lora_only"] = doc("which biases train alongside LoRA (peft `bias`) (lora)", "none")
     target_modules: Union[list[str], str] = doc(
-        "module names to adapt: a list, a regex string, or 'all-linear'", "all-linear")
+        "module names to adapt: a list, a regex string, or 'all-linear' (lora, ia3)", "all-linear")
+    use_dora: bool = doc("DoRA: learn a per-output-channel magnitude beside the LoRA direction (lora)", False)
+    use_rslora: bool = doc("rank-stabilised LoRA: scale = alpha / sqrt(r) (lora)", False)
+    modules_to_save: Optional[list[str]] = doc(
+        "extra modules trained in full and saved with the adapter, e.g. [lm_head] (lora, ia3)", None)
+    feedforward_modules: Optional[Union[list[str], str]] = doc(
+        "IA3: target modules whose input (not output) is scaled; null = peft's per-architecture default "
+        "(the MLP down projection) (ia3)", None)
+    num_virtual_tokens: int = doc("virtual tokens prepended to every sequence (prompt_tuning, p_tuning, prefix_tuning)", 20)
+    prompt_init_text: Optional[str] = doc(
+        "initialise the virtual tokens from this text's embeddings; null = random (prompt_tuning)", None)
+    encoder_type: Literal["MLP", "LSTM"] = doc("prompt encoder network (p_tuning)", "MLP")
+    encoder_hidden_size: int = doc(
+        "hidden size of the prompt encoder (p_tuning) / of the prefix projection (prefix_tuning)", 128)
+    encoder_num_layers: int = doc("layers of the prompt encoder (p_tuning)", 2)
+    prefix_projection: bool = doc("reparameterise the prefix through a 2-layer MLP (prefix_tuning)", False)
+    adapter_len: int = doc("adaption-prompt tokens per adapted layer (llama_adapter)", 10)
+    adapter_layers: Optional[int] = doc("adapt the top N decoder layers; null = all (llama_adapter)", None)
+    bottleneck_size: int = doc("bottleneck width of each adapter: hidden -> size -> hidden (adapter)", 16)
+    bottleneck_activation: Literal["relu", "gelu", "silu"] = doc("non-linearity inside the bottleneck (adapter)", "relu")
+
+
+# Which methods each method-specific field applies to; a field set away from its default for another method is an
+# error (so a recipe never carries a value that silently does nothing).
+PEFT_FIELD_METHODS = {
+    "lora_rank": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",), "lora_bias": ("lora",),
+    "use_dora": ("lora",), "use_rslora": ("lora",),
+    "target_modules": ("lora", "ia3"), "modules_to_save": ("lora", "ia3"), "feedforward_modules": ("ia3",),
+    "num_virtual_tokens": ("prompt_tuning", "p_tuning", "prefix_tuning"), "prompt_init_text": ("prompt_tuning",),
+    "encoder_type": ("p_tuning",), "encoder_hidden_size": ("p_tuning", "prefix_tuning"),
+    "encoder_num_layers": ("p_tuning",), "prefix_projection": ("prefix_tuning",),
+    "adapter_len": ("llama_adapter",), "adapter_layers": ("llama_adapter",),
+    "bottleneck_size": ("adapter",), "bottleneck_activation": ("adapter",),
+}
 
 
 @dataclass
@@ -93,6 +143,14 @@ class SchedulerConfig:
 
 
 @dataclass
+class TrainableConfig:
+    top_layers: Optional[int] = doc("train the top N decoder layers (0 = none)", None)
+    patterns: list[str] = doc("also train parameters whose name matches one of these regexes (re.search)", factory=list)
+    lm_head: bool = doc("also train the output layer (tied to the embeddings in some models: set both then)", False)
+    embeddings: bool = doc("also train the input token embeddings", False)
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = doc("examples per forward/backward pass on one process", 8)
     global_batch_size: int = doc("examples per optimizer step over all processes (= micro x accumulation x dp)", 8)
@@ -108,6 +166,8 @@ class TrainConfig:
     log_every_steps: int = doc("write a metrics line every N steps", 1)
     max_bad_steps: int = doc("abort after N consecutive steps with a non-finite loss or gradient (each is skipped)",
                              5)
+    trainable: Optional[TrainableConfig] = doc(
+        "partial fine-tuning (peft: null): train only these parts, freeze the rest; null = train every weight", None)
 
 
 @dataclass
@@ -143,8 +203,9 @@ class DistributedConfig:
         "auto = single for one process, fsdp2 when sharding is asked for (cpu_offload, dp_replicate), else ddp", "auto")
     dp_replicate: int = doc("HSDP: replicas of the sharded model (e.g. nodes); 1 = plain FSDP over all ranks", 1)
     cpu_offload: bool = doc("FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory", False)
-    activation_checkpointing: bool = doc("recompute each layer's activations in backward (less memory, ~30% slower)",
-                                         False)
+    activation_checkpointing: bool = doc(
+        "recompute each decoder layer's activations in backward (non-reentrant; any strategy, QLoRA included): "
+        "less memory, ~30% more compute", False)
     reshard_after_forward: bool = doc("FSDP2: free gathered layer weights after forward (less memory, more comms)",
                                       True)
     mixed_precision: MixedPrecisionConfig = doc("FSDP2 mixed-precision policy", factory=MixedPrecisionConfig)
@@ -154,7 +215,9 @@ class DistributedConfig:
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
-    peft: Optional[PeftConfig] = doc("null = full fine-tuning; otherwise the adapter to train", None)
+    peft: Union[PeftConfig, list[PeftConfig], None] = doc(
+        "null = full (or partial, see train.trainable) fine-tuning; otherwise the adapter to train, or a list of "
+        "adapters trained together (e.g. lora + prompt_tuning)", None)
     data: DataConfig = doc("training and validation data", factory=DataConfig)
     train: TrainConfig = doc("optimisation", factory=TrainConfig)
     checkpoint: CheckpointConfig = doc("resumable checkpoints", factory=CheckpointConfig)

@@ -9,6 +9,7 @@ from tuneforge.config import Config, load_config
 from tuneforge.distributed import detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import load_model, load_tokenizer, resolve_precision
+from tuneforge.peft import load_adapters, saved_adapters, transformers_model
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, Path]:
@@ -24,17 +25,15 @@ def load_run_model(run_dir: str | Path, base: bool = False):
     """(model, tokenizer, config) of a finished run; `base` skips the adapter (for before/after comparisons)."""
     cfg, final = load_run(run_dir)
     tokenizer = load_tokenizer(cfg.model, str(final))
-    if (final / "adapter_config.json").is_file():
-        from peft import PeftModel
-
+    if saved_adapters(final):
         model = load_model(cfg.model)
         if not base:
-            model = PeftModel.from_pretrained(model, str(final))
+            model = load_adapters(model, final)  # peft's methods through peft, bottleneck adapters through ours
     elif base:
         model = load_model(cfg.model)
     else:
         model = load_model(cfg.model, str(final))
-    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = True
+    transformers_model(model).config.use_cache = True
     return model.eval(), tokenizer, cfg
 
 

@@ -87,6 +87,10 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     kwargs = _hub_kwargs(cfg)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization is not None:
+        from tuneforge.models.quantize import build_bnb_config
+
+        kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
         model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
@@ -111,15 +115,15 @@ def load_model_skeleton(cfg: ModelConfig):
 
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights_in(p) for p in model.parameters())
     return trainable, total
+
+
+def _weights_in(p) -> int:
+    # bitsandbytes stores 4-bit weights packed two to a uint8 element
+    return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
 
 
 def is_local(path: str) -> bool:
     return Path(path).expanduser().is_dir()
 
-
-def apply_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (non-reentrant: works with frozen inputs, LoRA and FSDP2)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -44,7 +44,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = F
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     split = None if full_forward else _split_head(model)
     if split is None:
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        logits = model(**inputs, use_cache=False).logits
+        # prompt_tuning / p_tuning return logits for their virtual tokens too: (batch, virtual + seq, vocab)
+        logits = logits[:, logits.size(1) - labels.size(1) - 1:-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
     backbone, head = split

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tuneforge.config.schema import Config
 from tuneforge.models.load import is_local
+from tuneforge.peft import save_adapters, transformers_model
 
 
 def consolidated_state(module, env, trainable_only: bool) -> dict | None:
@@ -24,15 +25,15 @@ def save_final(model, tokenizer, cfg: Config, out: Path, state_dict: dict | None
     `state_dict` carries gathered weights when the model itself is sharded."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "peft_config"):
-        base = cfg.model.name_or_path
-        for pc in model.peft_config.values():
-            # Local bases are recorded as absolute paths so plain peft finds them from any working directory.
-            pc.base_model_name_or_path = str(Path(base).resolve()) if is_local(base) else base
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base_model.config.use_cache = True  # training turned the KV cache off; users of the output want it on
-    extra = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(tmp, safe_serialization=True, **extra)
+    base = cfg.model.name_or_path
+    # Local bases are recorded as absolute paths so plain peft finds them from any working directory.
+    base = str(Path(base).resolve()) if is_local(base) else base
+    transformers_model(model).config.use_cache = True  # training turned the KV cache off; users want it on
+    if cfg.peft is not None:
+        save_adapters(model, tmp, base, state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():

@@ -25,9 +25,10 @@ from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, in
                                    launched_world_size, needs_skeleton, resolve_strategy, set_gradient_sync, shutdown,
                                    wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
-from tuneforge.models import (apply_activation_checkpointing, count_label_tokens, count_parameters, load_model,
-                              load_model_skeleton, load_tokenizer, resolve_precision)
-from tuneforge.peft import adapter_summary, apply_peft
+from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
+                              resolve_precision)
+from tuneforge.peft import apply_finetuning, describe_finetuning
+from tuneforge.peft.validate import peft_parts
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
@@ -122,11 +123,21 @@ def load_state(ckpt: Path, module, optimizer, scheduler, loader, env: DistEnv) -
 
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
     strategy = resolve_strategy(cfg.distributed, launched_world_size())
+    check_strategy_fits(cfg, strategy)
     env = init_distributed(strategy)
     try:
         return _finetune(cfg, overwrite, env, strategy)
     finally:
         shutdown(env)
+
+
+def check_strategy_fits(cfg: Config, strategy: str) -> None:
+    parts = peft_parts(cfg.peft)
+    if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
+        raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
+                        "bottleneck adapters")
+    if cfg.model.quantization is not None and strategy != "single":
+        raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
 
 
 def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path:
@@ -147,13 +158,10 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     if cfg.data.batching == "packing":
         check_packing_backend(cfg.model.attn_implementation, env.device)
     model = load_model_skeleton(cfg.model) if needs_skeleton(strategy, env) else load_model(cfg.model)
-    if cfg.peft is not None:
-        model = apply_peft(model, cfg.peft)
-    if cfg.distributed.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
     model.train()
     trainable, total = count_parameters(model)
-    adapters = adapter_summary(model) if cfg.peft is not None else ""
+    finetuning_lines = describe_finetuning(model, cfg)  # before sharding replaces the parameters
     check_checkpoint_room(run_dir, trainable, cfg)
     module = wrap_model(model, strategy, cfg.distributed, env, precision.autocast or torch.float32)
 
@@ -177,8 +185,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     info = sink.info if sink else (lambda message: None)
     info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
          f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
-    if adapters:
-        info(f"adapter {cfg.peft.method}: {adapters}")
+    for line in finetuning_lines:
+        info(line)
     for line in data_summary_lines(train, vals, loader.batch_sampler, cfg.data):
         info(line)
     info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
@@ -258,7 +266,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     if stopped_early:
         info(f"stopped after step {last_step} of {total_steps}; run the same command again to continue")
     else:
-        state = consolidated_state(module, env, trainable_only=cfg.peft is not None) if env.initialized else None
+        # FSDP2 holds shards: gather them to rank 0; DDP and single-process models hold whole weights already.
+        state = consolidated_state(module, env, trainable_only=cfg.peft is not None) if strategy == "fsdp2" else None
         if env.is_main:
             save_final(inner_model(module), tokenizer, cfg, run_dir / "final", state)
             info(summarize(run_dir / "metrics.jsonl", time.perf_counter() - run_started))

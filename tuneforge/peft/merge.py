@@ -1,0 +1,41 @@
+"""`tuneforge merge`: fold a run's LoRA-family or IA3 adapter into the base weights and write a full HF model.
+
+QLoRA runs merge into a full-precision reload of the base (never into the 4-bit weights: dequantizing,
+adding the delta and requantizing would lose the adapter's small update in the quantization error)."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from tuneforge.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write base + merged adapter (+ tokenizer) to `out`; AutoModelForCausalLM.from_pretrained loads it."""
+    from tuneforge.eval.generate import load_run
+    from tuneforge.models import load_model, load_tokenizer
+    from tuneforge.peft import check_mergeable, load_adapters
+
+    cfg, final = load_run(run_dir)
+    check_mergeable(final)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
+    full_precision = dataclasses.replace(cfg.model, quantization=None)
+    model = load_adapters(load_model(full_precision), final)
+    merged = model.merge_and_unload()  # W' = W + scale * B @ A (lora) or W * l (ia3), adapter layers removed
+    merged.config.use_cache = True
+    merged = merged.to(DTYPES[dtype])
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(cfg.model, str(final)).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
