@@ -99,3 +99,13 @@ def _isolated_data_cache(tmp_path_factory):
         os.environ.pop("TUNEFORGE_CACHE_DIR", None)
     else:
         os.environ["TUNEFORGE_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The stories260K tokenizer with the pad token tuneforge picks for it (unk)."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(STORIES)
+    t.pad_token = t.unk_token
+    return t

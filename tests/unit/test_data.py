@@ -2,19 +2,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from tuneforge.data import IGNORE, MicroBatchSampler, build_train_loader, load_records, tokenize_records
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record
 from tuneforge.errors import UserError
 from tests.conftest import SQUAD_TRAIN, STORIES
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = AutoTokenizer.from_pretrained(STORIES)
-    t.pad_token = t.unk_token
-    return t
 
 
 def test_squad_prompt_is_masked_and_answer_plus_eos_is_labelled(tok):

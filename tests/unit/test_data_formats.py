@@ -18,13 +18,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    t = AutoTokenizer.from_pretrained(STORIES)
-    t.pad_token = t.unk_token
-    return t
-
-
 def labelled_text(tok, ex) -> str:
     return tok.decode([t for k, t in enumerate(ex.labels) if t != IGNORE and k > 0], skip_special_tokens=True)
 

@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data import IGNORE, TokenTable, build_train_loader, prepare_data, prepare_set
@@ -13,13 +12,6 @@ from tuneforge.data.loader import MicroBatchSampler, epoch_order
 from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES
 
 MODES = ["pad_longest", "pad_to_max_length", "group_by_length", "packing"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = AutoTokenizer.from_pretrained(STORIES)
-    t.pad_token = t.unk_token
-    return t
 
 
 @pytest.fixture(scope="module")

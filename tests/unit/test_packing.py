@@ -3,7 +3,7 @@ loss as the padded one, and no example in a row sees another."""
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tuneforge.data import DEFAULT_TEMPLATES, IGNORE, load_records, tokenize_records
 from tuneforge.data.loader import Collator, PackedCollator, build_eval_batches, pack_rows
@@ -11,13 +11,6 @@ from tuneforge.models import causal_lm_loss, count_label_tokens, resolve_precisi
 from tuneforge.distributed import DistEnv, TrainModule
 from tuneforge.train.recipe import validate
 from tests.conftest import SQUAD_DEV, STORIES
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = AutoTokenizer.from_pretrained(STORIES)
-    t.pad_token = t.unk_token
-    return t
 
 
 @pytest.fixture(scope="module")

@@ -82,18 +82,7 @@ def tokenize_records(records: list[Record], tokenizer, template: str, seq_length
             stats.dropped["too long after truncating the context"] += 1
         else:
             stats.truncated += 1
-    examples: list[Example] = []
-    for ex in encoded:
-        if ex is None:
-            continue
-        if _no_labels(ex):
-            stats.dropped["with no label tokens"] += 1
-            continue
-        examples.append(ex)
-    stats.examples = len(examples)
-    if not examples:
-        raise UserError(f"{source}: no examples left after tokenization ({stats.summary()})")
-    return examples, stats
+    return _keep_labelled([ex for ex in encoded if ex is not None], stats, source)
 
 
 def _shared_split(template: str, record: Record) -> tuple[str, str, str] | None:
@@ -146,6 +135,17 @@ def _encode_shared(records: list[Record], prompts: list[str], template: str, tok
         if _finish(enc["input_ids"], enc["offset_mapping"], len(prompts[i]), tokenizer, train_on_inputs) != out[i]:
             return [None] * len(records)
     return out
+
+
+def _keep_labelled(examples: list[Example], stats: TokenizeStats, source: str) -> tuple[list[Example], TokenizeStats]:
+    """Drop (and count) examples with nothing to learn; none left at all is the user's error."""
+    kept = [ex for ex in examples if not _no_labels(ex)]
+    if len(kept) < len(examples):
+        stats.dropped["with no label tokens"] += len(examples) - len(kept)
+    stats.examples = len(kept)
+    if not kept:
+        raise UserError(f"{source}: no examples left after tokenization ({stats.summary()})")
+    return kept, stats
 
 
 def _no_labels(ex: Example) -> bool:
@@ -323,14 +323,8 @@ def tokenize_chat(records: list[Record], tokenizer, seq_length: int, train_on_in
                     continue
                 ex = _cut_left(ex, tokenizer, seq_length)
                 stats.truncated += 1
-            if _no_labels(ex):
-                stats.dropped["with no label tokens"] += 1
-                continue
             examples.append(ex)
-    stats.examples = len(examples)
-    if not examples:
-        raise UserError(f"{source}: no examples left after tokenization ({stats.summary()})")
-    return examples, stats
+    return _keep_labelled(examples, stats, source)
 
 
 def _cut_around(text: str, answer: str | None, n_tokens: int, tokenizer) -> str:
