@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES, read_metrics, run_cli, tiny_overrides
-from tests.e2e.test_finetune_cli import assert_same_numbers
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 

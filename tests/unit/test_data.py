@@ -6,7 +6,7 @@ import torch
 from tuneforge.data import IGNORE, MicroBatchSampler, build_train_loader, load_records, tokenize_records
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record
 from tuneforge.errors import UserError
-from tests.conftest import SQUAD_TRAIN, STORIES
+from tests.conftest import SQUAD_TRAIN
 
 
 def test_squad_prompt_is_masked_and_answer_plus_eos_is_labelled(tok):

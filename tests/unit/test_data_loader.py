@@ -9,7 +9,7 @@ import torch
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data import IGNORE, TokenTable, build_train_loader, prepare_data, prepare_set
 from tuneforge.data.loader import MicroBatchSampler, epoch_order
-from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES
+from tests.conftest import SQUAD_DEV, SQUAD_TRAIN
 
 MODES = ["pad_longest", "pad_to_max_length", "group_by_length", "packing"]
 
