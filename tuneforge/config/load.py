@@ -16,7 +16,7 @@ import yaml
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 
-_SECRET = re.compile(r"token|key|secret|password", re.IGNORECASE)
+_SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # max_new_tokens is a count
 
 
 def load_config(source: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
@@ -237,6 +237,7 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
         _check(src.limit is None or src.limit >= 1, origin, f"{name}.limit: must be >= 1 or null, got {src.limit}")
         _check(bool(src.path), origin, f"{name}.path: required")
         _check(not check_paths or Path(src.path).is_file(), origin, f"{name}.path: no such file '{src.path}'")
+    validate_eval(cfg, origin, check_paths)
     if not check_paths:
         return
     mp = cfg.model.name_or_path
@@ -244,6 +245,25 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
         _check(Path(mp).expanduser().is_dir(), origin, f"model.name_or_path: no such model directory '{mp}'")
     _check(cfg.checkpoint.resume in ("auto", "never") or Path(cfg.checkpoint.resume).is_dir(), origin,
            f"checkpoint.resume: expected auto, never or an existing checkpoint directory, got '{cfg.checkpoint.resume}'")
+
+
+def validate_eval(cfg: Config, origin: str, check_paths: bool) -> None:
+    sq = cfg.eval.squad
+    if sq is None:
+        return
+    for key in ("every_steps", "limit"):
+        value = getattr(sq, key)
+        _check(value is None or value >= 1, origin, f"eval.squad.{key}: must be >= 1 or null, got {value}")
+    for key in ("max_new_tokens", "batch_size"):
+        value = getattr(sq, key)
+        _check(value >= 1, origin, f"eval.squad.{key}: must be >= 1, got {value}")
+    if sq.path is not None:
+        _check(not check_paths or Path(sq.path).is_file(), origin, f"eval.squad.path: no such file '{sq.path}'")
+        return
+    from tuneforge.eval.sources import validation_sources
+
+    _check(any(src.format == "squad" for _, src in validation_sources(cfg.data)), origin,
+           "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
 
 
 def _looks_local(name: str) -> bool:

@@ -111,6 +111,23 @@ class LoggingConfig:
 
 
 @dataclass
+class SquadEvalConfig:
+    path: Optional[str] = doc(
+        "SQuAD json whose questions are answered (default: the first squad-format validation set)", None)
+    every_steps: Optional[int] = doc(
+        "answer the questions at step 0, every N steps and at the end; null = only at the end", None)
+    limit: Optional[int] = doc("answer only the first N questions (null = all)", 100)
+    max_new_tokens: int = doc("tokens generated per answer (greedy, KV cache; stops at a newline or eos)", 32)
+    batch_size: int = doc("prompts per generation batch (left-padded)", 16)
+
+
+@dataclass
+class EvalConfig:
+    squad: Optional[SquadEvalConfig] = doc(
+        "SQuAD exact match / F1 of generated answers, logged as squad_em / squad_f1 (null = off)", None)
+
+
+@dataclass
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
@@ -119,3 +136,4 @@ class Config:
     train: TrainConfig = doc("optimisation", factory=TrainConfig)
     checkpoint: CheckpointConfig = doc("resumable checkpoints", factory=CheckpointConfig)
     logging: LoggingConfig = doc("metrics sinks", factory=LoggingConfig)
+    eval: EvalConfig = doc("task evaluation by generation, during training and by `tuneforge eval`", factory=EvalConfig)

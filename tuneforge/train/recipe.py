@@ -20,9 +20,11 @@ from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, prepare_source
 from tuneforge.distributed import DistEnv, detect_env
 from tuneforge.errors import UserError
+from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (causal_lm_loss, count_label_tokens, count_parameters, load_model, load_tokenizer,
                               resolve_precision)
 from tuneforge.peft import adapter_summary, apply_peft
+from tuneforge.report import write_report
 from tuneforge.train.export import save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -117,8 +119,12 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
               f"{env.world_size} process(es); {total_steps} steps ({per_epoch:.1f} per epoch)"
               + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
 
-    if val_batches and start_step == 0:
-        sink.log(0, validate(model, val_batches, precision))  # the baseline the run improves on
+    squad = build_training_squad(cfg, tokenizer, model, precision)
+    if start_step == 0:
+        baseline = validate(model, val_batches, precision) if val_batches else {}  # the baseline the run improves on
+        baseline.update(squad.at(0, total_steps, model) if squad else {})
+        if baseline:
+            sink.log(0, baseline)
 
     # ---- train ---------------------------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,6 +156,8 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
                        "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
         if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
             metrics.update(validate(model, val_batches, precision))
+        if squad is not None:
+            metrics.update(squad.at(step, total_steps, model))
         if metrics:
             sink.log(step, metrics)
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < last_step:
@@ -168,6 +176,8 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
         save_final(model, tokenizer, cfg, run_dir / "final")
         sink.info(summarize(run_dir / "metrics.jsonl", time.perf_counter() - run_started))
     sink.close()
+    if not stopped_early:
+        sink.info(f"report: {write_report(run_dir)}")
     return run_dir
 
 
