@@ -5,8 +5,6 @@ import json
 import string
 from pathlib import Path
 
-import torch
-
 from tuneforge.config.schema import Config
 from tuneforge.data import template_for
 from tuneforge.errors import UserError
@@ -22,9 +20,7 @@ def sampling_from_args(args) -> Sampling:
         raise UserError(f"--top-k: must be >= 1, got {args.top_k}")
     if args.temperature == 0 and (args.top_p is not None or args.top_k is not None):
         raise UserError("--top-p / --top-k apply to sampling: also pass --temperature > 0")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    return Sampling(args.temperature, args.top_p, args.top_k)
+    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
 
 
 def template_fields(template: str) -> list[str]:

@@ -45,6 +45,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
+    seed: int | None = None  # seeds torch right before generating: same seed, prompts and batches = same samples
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -65,6 +66,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     decoding = (sampling or Sampling()).generate_kwargs()
     if stop_at_newline:  # end each row at its first newline instead of spending max_new_tokens on it
         decoding.update(stop_strings=["\n"], tokenizer=tokenizer)
+    if sampling is not None and sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
     tokenizer.padding_side = "left"
     outputs = []
     for i in range(0, len(prompts), batch_size):
