@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     gen = sub.add_parser("generate", help="generate text with a finished run's model",
-                         description="Greedy generation with the run's base model and adapter (or full model).")
+                         description="Generation with the run's base model and adapter (or full model): greedy, or "
+                                     "sampling with --temperature/--top-p/--top-k/--seed; --input/--output for a "
+                                     "whole jsonl file.")
     gen.add_argument("--run", required=True, help="run directory (runs/<name>)")
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", help="prompt text (repeatable)")
