@@ -37,7 +37,7 @@ def test_squad_source_prefers_dataset_then_eval_path_then_squad_validation():
     assert squad_source(cfg, limit=3).limit == 3
     assert squad_source(cfg, dataset=str(SQUAD_TRAIN)).path == str(SQUAD_TRAIN)
     cfg.eval.squad.path = str(SQUAD_TRAIN)
-    assert squad_source(cfg).path == str(SQUAD_TRAIN)
+    assert (squad_source(cfg).path, squad_source(cfg).limit) == (str(SQUAD_TRAIN), None)
 
 
 @pytest.mark.parametrize("section, message", [

@@ -116,7 +116,9 @@ class SquadEvalConfig:
         "SQuAD json whose questions are answered (default: the first squad-format validation set)", None)
     every_steps: Optional[int] = doc(
         "answer the questions at step 0, every N steps and at the end; null = only at the end", None)
-    limit: Optional[int] = doc("answer only the first N questions (null = all)", 100)
+    limit: Optional[int] = doc(
+        "answer only the first N questions during training (null = all); `tuneforge eval` answers all unless --limit",
+        100)
     max_new_tokens: int = doc("tokens generated per answer (greedy, KV cache; stops at a newline or eos)", 32)
     batch_size: int = doc("prompts per generation batch (left-padded)", 16)
 

@@ -95,7 +95,7 @@ class SquadDuringTraining:
 def build_training_squad(cfg: Config, tokenizer, model, precision) -> SquadDuringTraining | None:
     if cfg.eval.squad is None:
         return None
-    source = squad_source(cfg)
+    source = squad_source(cfg, limit=cfg.eval.squad.limit)
     if source is None:
         raise UserError("eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
     task = build_squad_task(cfg, source, tokenizer, model)

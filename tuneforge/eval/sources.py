@@ -35,10 +35,9 @@ def _unique(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 
 def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = None) -> DataSource | None:
-    """The SQuAD questions to answer: --dataset, else eval.squad.path, else the first squad-format validation set."""
+    """The SQuAD questions to answer: --dataset, else eval.squad.path, else the first squad-format validation set.
+    `limit` (None = the source's own limit, if any) caps the number of questions."""
     sq = cfg.eval.squad
-    if limit is None and sq is not None:
-        limit = sq.limit
     if dataset is not None:
         return DataSource(path=dataset, format="squad", limit=limit) if dataset_format(dataset) == "squad" else None
     if sq is not None and sq.path:
