@@ -167,6 +167,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.harness_args and args.harness is None:
+        raise UserError("eval: --harness-args needs --harness TASKS")
     if args.harness is not None:
         if args.dataset or args.overrides:
             raise UserError("eval: --harness runs lm-eval tasks; --dataset and overrides apply to the built-in "
