@@ -88,7 +88,7 @@ def final_scores(run_dir: Path, rows: list[dict]) -> list[tuple[str, dict]]:
     last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1")}
     for row in rows:
         last.update({k: v for k, v in row.items() if k in last or k.startswith("val_loss/")})
-    last = {k: v for k, v in last.items() if v is not None}
+    last = {("perplexity" if k == "val_perplexity" else k): v for k, v in last.items() if v is not None}
     if rows:
         table.append((f"training (step {rows[-1]['step']})", last))
     for base, label in ((False, "tuneforge eval: fine-tuned"), (True, "tuneforge eval: base model")):

@@ -145,9 +145,19 @@ def test_report_has_plots_config_and_scores_and_no_external_resources(run):
         pixels = mpimg.imread(io.BytesIO(png), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01  # drawn, not blank
     assert "peft.lora_rank" in html and "squad_f1" in html
-    out = run_cli("report", "--run", str(run))  # after `tuneforge eval`, the report shows its scores too
-    assert out.stdout.strip() == str(run / "report.html")
-    assert "tuneforge eval: fine-tuned" in (run / "report.html").read_text()
+
+def test_report_command_adds_the_eval_scores(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "eval/base").mkdir(parents=True, exist_ok=True)
+    (copy / "eval/scores.json").write_text(json.dumps({"model": "final", "val_loss": 3.25, "squad_f1": 12.5}))
+    (copy / "eval/base/scores.json").write_text(json.dumps({"model": "base", "val_loss": 6.5, "squad_f1": 1.0}))
+    out = run_cli("report", "--run", str(copy))
+    assert out.stdout.strip() == str(copy / "report.html")
+    html = (copy / "report.html").read_text()
+    row = re.search(r"<tr><td>tuneforge eval: base model</td>(.*?)</tr>", html).group(1)
+    assert "<td class='num'>6.5</td>" in row and "<td class='num'>1</td>" in row
+    assert "<tr><td>tuneforge eval: fine-tuned</td>" in html and "<td class='num'>12.5</td>" in html
 
 
 def browser() -> str | None:
