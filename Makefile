@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) $(TORCH_INDEX)
 	$(BIN)/pip install -q -r requirements-lock.txt
-	$(BIN)/pip install -q -e ".[qlora]"
+	$(BIN)/pip install -q -e ".[qlora,eval]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,6 +24,11 @@ quickstart: setup
 	@echo
 	@echo "== answers of the fine-tuned model on SQuAD dev questions =="
 	$(BIN)/tuneforge generate --run runs/quickstart --examples 5 --max-new-tokens 24
+	@echo
+	@echo "== SQuAD dev scores: base model, then fine-tuned =="
+	$(BIN)/tuneforge eval --run runs/quickstart --base
+	$(BIN)/tuneforge eval --run runs/quickstart
+	$(BIN)/tuneforge report --run runs/quickstart
 
 # pytest's exit code 5 (no test collected) counts as a failure.
 test: setup

@@ -18,8 +18,8 @@ SQUAD_DEV = REPO / "assets/data/squad/dev.json"
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `tuneforge` command line in a subprocess (this checkout's package, whatever is installed)."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                    **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env.update(env or {})  # a test may override the defaults above (e.g. HF_HUB_OFFLINE=0)
     proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ import yaml
 from tuneforge.config.schema import Config, DataConfig, DataSource
 from tuneforge.errors import UserError
 
-_SECRET = re.compile(r"token|key|secret|password", re.IGNORECASE)
+_SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # max_new_tokens is a count
 
 
 def load_config(source: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
@@ -258,6 +258,7 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
     _check(d.val_split is None or 0 < d.val_split < 1, origin, f"data.val_split: must be in (0, 1), got {d.val_split}")
     _check(d.val_split is None or not d.validation, origin,
            "data.val_split: carves validation data from train only when data.validation is not given")
+    validate_eval(cfg, origin, check_paths)
     if not check_paths:
         return
     mp = cfg.model.name_or_path
@@ -284,6 +285,25 @@ def _data_sources(d: DataConfig) -> list[tuple[str, DataSource]]:
         elif value is not None:
             out.append((key, value))
     return out
+
+
+def validate_eval(cfg: Config, origin: str, check_paths: bool) -> None:
+    sq = cfg.eval.squad
+    if sq is None:
+        return
+    for key in ("every_steps", "limit"):
+        value = getattr(sq, key)
+        _check(value is None or value >= 1, origin, f"eval.squad.{key}: must be >= 1 or null, got {value}")
+    for key in ("max_new_tokens", "batch_size"):
+        value = getattr(sq, key)
+        _check(value >= 1, origin, f"eval.squad.{key}: must be >= 1, got {value}")
+    if sq.path is not None:
+        _check(not check_paths or Path(sq.path).is_file(), origin, f"eval.squad.path: no such file '{sq.path}'")
+        return
+    from tuneforge.eval.sources import validation_sources
+
+    _check(any(src.format == "squad" for _, src in validation_sources(cfg.data)), origin,
+           "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
 
 
 def _looks_local(name: str) -> bool:

@@ -212,6 +212,25 @@ class DistributedConfig:
 
 
 @dataclass
+class SquadEvalConfig:
+    path: Optional[str] = doc(
+        "SQuAD json whose questions are answered (default: the first squad-format validation set)", None)
+    every_steps: Optional[int] = doc(
+        "answer the questions at step 0, every N steps and at the end; null = only at the end", None)
+    limit: Optional[int] = doc(
+        "answer only the first N questions during training (null = all); `tuneforge eval` answers all unless --limit",
+        100)
+    max_new_tokens: int = doc("tokens generated per answer (greedy, KV cache; stops at a newline or eos)", 32)
+    batch_size: int = doc("prompts per generation batch (left-padded)", 16)
+
+
+@dataclass
+class EvalConfig:
+    squad: Optional[SquadEvalConfig] = doc(
+        "SQuAD exact match / F1 of generated answers, logged as squad_em / squad_f1 (null = off)", None)
+
+
+@dataclass
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
@@ -224,3 +243,4 @@ class Config:
     logging: LoggingConfig = doc("metrics sinks", factory=LoggingConfig)
     distributed: DistributedConfig = doc("data-parallel training under torchrun (DDP / FSDP2 / HSDP)",
                                          factory=DistributedConfig)
+    eval: EvalConfig = doc("task evaluation by generation, during training and by `tuneforge eval`", factory=EvalConfig)

@@ -1,6 +1,7 @@
 """Load a run's final model (base + adapter, or the full model) and generate from prompts."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,18 +13,18 @@ from tuneforge.models import load_model, load_tokenizer, resolve_precision
 from tuneforge.peft import load_adapters, saved_adapters, transformers_model
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, Path]:
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--run {run_dir}: not a tuneforge run directory (no config.yaml)")
     if not (run_dir / "final").is_dir():
         raise UserError(f"--run {run_dir}: the run has no final/ output yet (did training finish?)")
-    return load_config(run_dir / "config.yaml", check_paths=False), run_dir / "final"
+    return load_config(run_dir / "config.yaml", overrides, check_paths=False), run_dir / "final"
 
 
-def load_run_model(run_dir: str | Path, base: bool = False):
+def load_run_model(run_dir: str | Path, base: bool = False, overrides: list[str] | None = None):
     """(model, tokenizer, config) of a finished run; `base` skips the adapter (for before/after comparisons)."""
-    cfg, final = load_run(run_dir)
+    cfg, final = load_run(run_dir, overrides)
     tokenizer = load_tokenizer(cfg.model, str(final))
     if saved_adapters(final):
         model = load_model(cfg.model)
@@ -37,17 +38,41 @@ def load_run_model(run_dir: str | Path, base: bool = False):
     return model.eval(), tokenizer, cfg
 
 
+@dataclass
+class Sampling:
+    """Decoding settings: temperature 0 (the default) is greedy; otherwise sample with optional top-p / top-k."""
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None  # seeds torch right before generating: same seed, prompts and batches = same samples
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        kwargs = {"do_sample": True, "temperature": self.temperature}
+        kwargs["top_p"] = self.top_p if self.top_p is not None else 1.0
+        kwargs["top_k"] = self.top_k if self.top_k is not None else 0  # 0 = no top-k filter
+        return kwargs
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             precision=None, stop_at_newline: bool = False) -> list[str]:
-    """Batched greedy generation with KV cache and left padding; returns only the new text of each prompt."""
+             precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None) -> list[str]:
+    """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
+    the new text of each prompt. Left padding keeps every prompt's last token at the same column, so one decode
+    step serves the whole batch."""
     precision = precision or resolve_precision("float32", detect_env().device)
+    decoding = (sampling or Sampling()).generate_kwargs()
+    if stop_at_newline:  # end each row at its first newline instead of spending max_new_tokens on it
+        decoding.update(stop_strings=["\n"], tokenizer=tokenizer)
+    if sampling is not None and sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
     tokenizer.padding_side = "left"
     outputs = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
         with precision.context():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **decoding,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for row in out[:, enc["input_ids"].shape[1]:]:
             text = tokenizer.decode(row, skip_special_tokens=True)

@@ -68,13 +68,12 @@ class MetricsSink:
         self.file.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and self.tb is not None:
-                self.tb.add_scalar(key if "/" in key else f"train/{key}" if not key.startswith("val") else f"val/{key}",
-                                   value, step)
+                self.tb.add_scalar(_tb_tag(key), value, step)
         if self.wandb is not None:
             self.wandb.log(record, step=step)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, description=_short(metrics))
-        if step % self.print_every == 0 or step == self.total or "val_loss" in metrics:
+        if step % self.print_every == 0 or step == self.total or "val_loss" in metrics or "squad_f1" in metrics:
             self.info(f"step {step:>5}/{self.total}  {_short(metrics)}")
 
     def info(self, message: str) -> None:
@@ -96,12 +95,24 @@ def _plain(value):
     return value
 
 
+def _tb_tag(key: str) -> str:
+    if "/" in key:
+        return key
+    if key.startswith("val"):
+        return f"val/{key}"
+    if key.startswith("squad"):
+        return f"eval/{key}"
+    return f"train/{key}"
+
+
 def _short(m: dict) -> str:
     parts = []
     if "loss" in m:
         parts.append(f"loss {m['loss']:.4f}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "squad_f1" in m:
+        parts.append(f"squad EM {m['squad_em']:.1f} F1 {m['squad_f1']:.1f}")
     if "lr" in m:
         parts.append(f"lr {m['lr']:.2e}")
     if "tokens_per_s" in m:

@@ -25,11 +25,13 @@ from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, in
                                    launched_world_size, needs_skeleton, resolve_strategy, set_gradient_sync, shutdown,
                                    wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
+from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                               resolve_precision)
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.validate import peft_parts
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
+from tuneforge.report import write_report
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -136,6 +138,9 @@ def check_strategy_fits(cfg: Config, strategy: str) -> None:
     if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
         raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
                         "bottleneck adapters")
+    if cfg.eval.squad is not None and launched_world_size() > 1:
+        raise UserError("eval.squad: generation during training runs in one process; run `tuneforge eval --run DIR` "
+                        "after a multi-process run")
     if cfg.model.quantization is not None and strategy != "single":
         raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
 
@@ -193,10 +198,12 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
 
-    if val_batches and start_step == 0:
-        scores = validate(module, val_batches, precision, env)  # the baseline the run improves on
-        if sink:
-            sink.log(0, scores)
+    squad = build_training_squad(cfg, tokenizer, model, precision)
+    if start_step == 0:
+        baseline = validate(module, val_batches, precision, env) if val_batches else {}  # what the run improves on
+        baseline.update(squad.at(0, total_steps, model) if squad else {})
+        if baseline and sink:
+            sink.log(0, baseline)
 
     # ---- train ---------------------------------------------------------------------------------------------
     params = [p for p in module.parameters() if p.requires_grad]
@@ -248,6 +255,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
                        **({"skipped_steps": skipped} if skipped else {})}
         if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
             metrics.update(validate(module, val_batches, precision, env))
+        if squad is not None:
+            metrics.update(squad.at(step, total_steps, model))
         if metrics and sink:
             sink.log(step, metrics)
         if all_reduce_sum(stop.requested, env):  # every rank stops at the same step boundary
@@ -273,6 +282,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
             info(summarize(run_dir / "metrics.jsonl", time.perf_counter() - run_started))
     if sink:
         sink.close()
+        if not stopped_early:
+            sink.info(f"report: {write_report(run_dir)}")
     del module, optimizer  # a DDP module must go before the process group does
     return run_dir
 

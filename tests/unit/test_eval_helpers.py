@@ -1,0 +1,97 @@
+"""The plumbing around evaluation: which sets are evaluated, prompt fitting, config checks, harness arguments."""
+import sys
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES
+from tuneforge.config import load_config
+from tuneforge.config.load import to_dict
+from tuneforge.config.schema import DataConfig, DataSource
+from tuneforge.data.sources import Record
+from tuneforge.errors import UserError
+from tuneforge.eval.evaluate import fit_prompt
+from tuneforge.eval.sources import squad_source, validation_sources
+
+
+def base_cfg(**extra):
+    return {"model": {"name_or_path": str(STORIES)}, "data": {"train": {"path": str(SQUAD_TRAIN)}}, **extra}
+
+
+def test_validation_sources_accepts_none_one_list_or_mapping():
+    a, b = DataSource(path="x/a.json"), DataSource(path="y/a.json", format="input_output")
+    assert validation_sources(DataConfig(validation=None)) == []
+    assert validation_sources(DataConfig(validation=a)) == [("validation", a)]
+    assert validation_sources(DataConfig(validation=[a, b])) == [("a", a), ("a_2", b)]
+    named = SimpleNamespace(name="dev", path="z.jsonl", format="squad")
+    assert validation_sources(DataConfig(validation=[named])) == [("dev", named)]
+    assert validation_sources(DataConfig(validation={"dev": a, "test": b})) == [("dev", a), ("test", b)]
+
+
+def test_squad_source_prefers_dataset_then_eval_path_then_squad_validation():
+    cfg = load_config(base_cfg(data={"train": {"path": str(SQUAD_TRAIN)},
+                                     "validation": {"path": str(SQUAD_DEV), "limit": 7}},
+                               eval={"squad": {"limit": None}}))
+    assert squad_source(cfg).path == str(SQUAD_DEV) and squad_source(cfg).limit == 7
+    assert squad_source(cfg, limit=3).limit == 3
+    assert squad_source(cfg, dataset=str(SQUAD_TRAIN)).path == str(SQUAD_TRAIN)
+    cfg.eval.squad.path = str(SQUAD_TRAIN)
+    assert (squad_source(cfg).path, squad_source(cfg).limit) == (str(SQUAD_TRAIN), None)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"squad": {}}, "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set"),
+    ({"squad": {"path": "nope.json"}}, "eval.squad.path: no such file 'nope.json'"),
+    ({"squad": {"path": str(SQUAD_DEV), "max_new_tokens": 0}}, "eval.squad.max_new_tokens: must be >= 1, got 0"),
+    ({"squad": {"path": str(SQUAD_DEV), "every_steps": 0}}, "eval.squad.every_steps: must be >= 1 or null"),
+    ({"squad": {"path": str(SQUAD_DEV), "max_new_tokns": 3}}, "did you mean eval.squad.max_new_tokens?"),
+])
+def test_eval_config_errors_name_the_field(section, message):
+    with pytest.raises(UserError, match="^<dict>") as err:
+        load_config(base_cfg(eval=section))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_token_counts_are_not_redacted_but_tokens_are():
+    cfg = load_config(base_cfg(eval={"squad": {"path": str(SQUAD_DEV), "max_new_tokens": 12}}))
+    assert to_dict(cfg)["eval"]["squad"]["max_new_tokens"] == 12
+    from tuneforge.config.load import _redact
+
+    assert _redact({"hub_token": "hf_x", "max_new_tokens": 4}) == {"hub_token": "<redacted>", "max_new_tokens": 4}
+
+
+def test_fit_prompt_cuts_the_context_from_its_end_without_looking_at_the_answer():
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    context = " ".join(f"Sentence number {i} is here." for i in range(80))
+    record = Record({"context": context, "question": "Which?", "answer": "Sentence number 79"}, " x",
+                    truncatable="context")
+    template = "Context: {context} Question: {question} Answer:"
+    short = fit_prompt(record, template, tok, 60, "dev")
+    assert len(tok(short)["input_ids"]) <= 60
+    assert short.startswith("Context: Sentence number 0 is") and short.endswith(" Question: Which? Answer:")
+    assert "number 79" not in short  # the window is not moved to the gold answer
+    assert fit_prompt(record, template, tok, 10_000, "dev") == template.format(**record.fields)
+
+
+def test_missing_lm_eval_names_the_extra(monkeypatch):
+    from tuneforge.eval.harness import import_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"pip install 'tuneforge\[eval\]'"):
+        import_lm_eval()
+
+
+def test_harness_args_are_checked_against_simple_evaluate():
+    from tuneforge.eval.harness import parse_harness_args, parse_tasks
+
+    def simple_evaluate(model, model_args=None, tasks=None, num_fewshot=None, limit=None, batch_size=None):
+        pass
+    assert parse_harness_args(["num_fewshot=5", "limit=0.5"], simple_evaluate) == {"num_fewshot": 5, "limit": 0.5}
+    with pytest.raises(UserError, match="unknown argument 'fewshot'"):
+        parse_harness_args(["fewshot=5"], simple_evaluate)
+    with pytest.raises(UserError, match="expected key=value"):
+        parse_harness_args(["limit"], simple_evaluate)
+    assert parse_tasks("hellaswag, arc_easy") == (["hellaswag", "arc_easy"], [])
+    with pytest.raises(UserError, match="no such task file 'missing.yaml'"):
+        parse_tasks("missing.yaml")

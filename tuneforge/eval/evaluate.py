@@ -1,0 +1,201 @@
+"""Task evaluation: SQuAD answers by batched greedy generation, validation loss / perplexity, and the `tuneforge
+eval` entry point that scores a finished run (or its base model) and writes eval/."""
+from __future__ import annotations
+
+import dataclasses
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config.schema import Config, DataSource
+from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
+from tuneforge.data.sources import Record
+from tuneforge.data.tokenize import _cut_around, render_prompt
+from tuneforge.errors import UserError
+from tuneforge.eval.generate import generate
+from tuneforge.eval.sources import dataset_format, squad_source, validation_sources
+from tuneforge.eval.squad import squad_scores
+
+
+def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:
+    """Prompt tokens that leave room for the answer within seq_length and the model's positions."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions = getattr(inner.config, "max_position_embeddings", None) or seq_length
+    return max(8, min(seq_length, positions) - max_new_tokens)
+
+
+def fit_prompt(record: Record, template: str, tokenizer, budget: int, source: str) -> str:
+    """The rendered prompt, shortened to `budget` tokens. The context is cut from its end without looking at the
+    gold answer (which training may use to place its window, but an honest evaluation may not)."""
+    prompt = render_prompt(template, record, source)
+    field = record.truncatable if record.truncatable in record.fields else None
+    for _ in range(6):
+        excess = len(tokenizer(prompt)["input_ids"]) - budget
+        if excess <= 0 or field is None:
+            break
+        text = _cut_around(record.fields[field], None, excess + 2, tokenizer)
+        record = Record(dict(record.fields, **{field: text}), record.completion, record.id, record.references,
+                        record.truncatable)
+        prompt = render_prompt(template, record, source)
+        if not text:
+            break
+    excess = len(tokenizer(prompt)["input_ids"]) - budget
+    if excess > 0:  # nothing left to cut inside: drop text from the left of the prompt
+        offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        prompt = prompt[offsets[min(excess + 1, len(offsets) - 1)][0]:]
+    return prompt
+
+
+@dataclass
+class SquadTask:
+    """SQuAD questions with their prompts, built once and answered as often as asked (e.g. every N steps)."""
+    records: list[Record]
+    prompts: list[str]
+    max_new_tokens: int
+    batch_size: int
+
+    def answer(self, model, tokenizer, precision) -> dict[str, str]:
+        """{question_id: answer}: greedy, stopping at a newline or eos. Runs under a forked RNG and in eval mode,
+        so answering mid-training changes neither the training numerics nor the random stream."""
+        was_training = model.training
+        model.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            answers = generate(model, tokenizer, self.prompts, self.max_new_tokens, self.batch_size, precision,
+                               stop_at_newline=True)
+        model.train(was_training)
+        return {r.id: a for r, a in zip(self.records, answers)}
+
+    def references(self) -> dict[str, list[str]]:
+        return {r.id: r.references for r in self.records}
+
+    def score(self, model, tokenizer, precision) -> tuple[dict[str, float], dict[str, str]]:
+        predictions = self.answer(model, tokenizer, precision)
+        return squad_scores(predictions, self.references()), predictions
+
+
+class SquadDuringTraining:
+    """eval.squad inside the training loop: at step 0, every `every_steps` and at the last step."""
+
+    def __init__(self, task: SquadTask, every_steps: int | None, tokenizer, precision):
+        self.task, self.every, self.tokenizer, self.precision = task, every_steps, tokenizer, precision
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every is not None and step % self.every == 0)
+
+    def at(self, step: int, total_steps: int, model) -> dict[str, float]:
+        if not self.due(step, total_steps):
+            return {}
+        scores, _ = self.task.score(model, self.tokenizer, self.precision)
+        return scores
+
+
+def build_training_squad(cfg: Config, tokenizer, model, precision) -> SquadDuringTraining | None:
+    if cfg.eval.squad is None:
+        return None
+    source = squad_source(cfg, limit=cfg.eval.squad.limit)
+    if source is None:
+        raise UserError("eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
+    task = build_squad_task(cfg, source, tokenizer, model)
+    return SquadDuringTraining(task, cfg.eval.squad.every_steps, tokenizer, precision)
+
+
+def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> SquadTask:
+    sq = cfg.eval.squad
+    max_new_tokens = sq.max_new_tokens if sq else 32
+    batch_size = sq.batch_size if sq else 16
+    records = load_records(source.path, "squad", source.limit)
+    template = template_for(cfg.data, source)
+    budget = prompt_budget(model, cfg.data.seq_length, max_new_tokens)
+    prompts = [fit_prompt(r, template, tokenizer, budget, source.path) for r in records]
+    return SquadTask(records, prompts, max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def loss_on(model, batches, precision) -> dict[str, float]:
+    from tuneforge.distributed import DistEnv, TrainModule
+    from tuneforge.train.recipe import validate
+
+    # the training loop's own validation: the same loss code, on this process's device
+    scores = validate(TrainModule(model), batches, precision, DistEnv(device=str(model.device)))
+    model.eval()  # validate() hands the model back in training mode
+    return {"val_loss": scores["val_loss"], "perplexity": scores["val_perplexity"]}
+
+
+def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSource]], precision,
+                  batch_size: int) -> dict[str, float]:
+    """val_loss / perplexity of the first set; with several sets, each one also as val_loss/<name>."""
+    results: dict[str, float] = {}
+    for i, (name, source) in enumerate(sources):
+        data = prepare_source(cfg.data, source, tokenizer)
+        batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id)
+        scores = loss_on(model, batches, precision)
+        if i == 0:
+            results.update(scores)
+        if len(sources) > 1:
+            results.update({f"{k}/{name}": v for k, v in scores.items()})
+    return results
+
+
+def _limited(source: DataSource, limit: int | None) -> DataSource:
+    return dataclasses.replace(source, limit=limit if limit is not None else source.limit)
+
+
+def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = None, dataset: str | None = None,
+                 overrides: list[str] | None = None) -> dict:
+    """Score a finished run: loss / perplexity on its validation sets (or --dataset) and SQuAD EM/F1 where there are
+    SQuAD questions. Writes eval/squad_predictions.json and eval/scores.json (eval/base/ for the base model)."""
+    from tuneforge.eval.generate import load_run_model
+    from tuneforge.models import resolve_precision
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit: must be >= 1, got {limit}")
+    model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=overrides)
+    precision = resolve_precision(cfg.model.dtype, model.device.type)
+    if dataset is not None:
+        sources = [(Path(dataset).stem, DataSource(path=dataset, format=dataset_format(dataset), limit=limit))]
+    else:
+        sources = [(name, _limited(src, limit)) for name, src in validation_sources(cfg.data)]
+    for _, src in sources:
+        if not Path(src.path).is_file():
+            raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
+    results: dict = {"model": "base" if base else "final"}
+    results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+    squad = squad_source(cfg, dataset, limit)
+    predictions = None
+    if squad is not None:
+        if not Path(squad.path).is_file():
+            raise UserError(f"{squad.path}: no such SQuAD file")
+        task = build_squad_task(cfg, squad, tokenizer, model)
+        scores, predictions = task.score(model, tokenizer, precision)
+        results.update(scores, squad_questions=len(task.records))
+    if len(results) == 1:
+        raise UserError(f"--run {run_dir}: nothing to evaluate (no validation set or SQuAD questions); "
+                        "pass --dataset FILE or --harness TASKS")
+    write_eval(Path(run_dir), results, predictions, base)
+    return results
+
+
+def eval_dir(run_dir: Path, base: bool) -> Path:
+    return run_dir / "eval" / "base" if base else run_dir / "eval"
+
+
+def write_eval(run_dir: Path, results: dict, predictions: dict[str, str] | None, base: bool) -> None:
+    out = eval_dir(run_dir, base)
+    out.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:
+        (out / "squad_predictions.json").write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
+    (out / "scores.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+
+
+def _finite(results: dict) -> dict:
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in results.items()}
+
+
+def read_scores(run_dir: Path, base: bool = False) -> dict | None:
+    path = eval_dir(run_dir, base) / "scores.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,66 @@
+"""Hand a finished run to a serving engine. vLLM loads a plain HF model directory, or a base model plus a PEFT
+adapter with --enable-lora; both come straight from final/ (peft's merge_and_unload does the merging)."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+# vLLM accepts these values for --max-lora-rank; the adapter's rank is rounded up to the next one.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def is_adapter(final: Path) -> bool:
+    return (final / "adapter_config.json").is_file()
+
+
+def merge_adapter(run_dir: Path, out: Path) -> None:
+    """Base + adapter -> one model with the LoRA deltas folded into the weights, saved as safetensors."""
+    from tuneforge.eval.generate import load_run_model
+
+    model, tokenizer, _ = load_run_model(run_dir)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def vllm_command(out: Path, name: str, adapter: Path | None = None, base: str | None = None,
+                 rank: int | None = None) -> str:
+    if adapter is None:
+        return shlex.join(["vllm", "serve", str(out.resolve()), "--served-model-name", name])
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= (rank or 8)), VLLM_LORA_RANKS[-1])
+    return shlex.join(["vllm", "serve", str(base), "--enable-lora", "--lora-modules",
+                       f"{name}={adapter.resolve()}", "--max-lora-rank", str(max_rank)])
+
+
+def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False) -> str:
+    """Write the run's model to `out` for vLLM and return the `vllm serve` command that serves it."""
+    from tuneforge.eval.generate import load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, final = load_run(run_dir)
+    name = cfg.run.name
+    if keep_adapter and not is_adapter(final):
+        raise UserError(f"--keep-adapter: {final} holds a full fine-tune, not an adapter; export it without "
+                        "--keep-adapter")
+    prepare_out(out)
+    if keep_adapter:
+        adapter = out / "adapter"
+        shutil.copytree(final, adapter)
+        adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+        return vllm_command(out, name, adapter, adapter_cfg.get("base_model_name_or_path"), adapter_cfg.get("r"))
+    if is_adapter(final):
+        merge_adapter(run_dir, out)
+    else:
+        shutil.copytree(final, out, dirs_exist_ok=True)
+    return vllm_command(out, name)
