@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError
+from tuneforge.peft.validate import method_label
 
 SCORE_KEYS = ("val_loss", "perplexity", "squad_em", "squad_f1")
 
@@ -55,8 +56,7 @@ def build_model_card(run_dir: str | Path) -> str:
             "tags": ["tuneforge"] + (["lora"] if peft else [])}
     if base and not is_local:
         meta["base_model"] = base  # only a Hub id links the card to its base model page
-    method = f"{peft.get('method', 'lora')} (rank {peft.get('lora_rank')}, alpha {peft.get('lora_alpha')})" \
-        if peft else "full fine-tuning"
+    method = method_label(peft)
     name = config.get("run", {}).get("name", run_dir.name)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
              f"Fine-tuned from `{base}` with tuneforge: {method}.", ""]

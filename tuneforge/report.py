@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError
+from tuneforge.peft.validate import method_label
 
 # (title, y label, [(metric key, legend label)]) for each plot; a plot with no data is left out.
 PLOTS = [
@@ -107,7 +108,7 @@ def render_html(run_dir: Path, config: dict, rows: list[dict], plots: list[tuple
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tuneforge run {name}</title>"
              f"<style>{STYLE}</style></head><body><h1>tuneforge run: {name}</h1>"]
     model = config.get("model", {}).get("name_or_path", "?")
-    method = (config.get("peft") or {}).get("method", "full fine-tuning")
+    method = method_label(config.get("peft"))
     parts.append(f"<p>base model <code>{html.escape(str(model))}</code>, {html.escape(str(method))}; "
                  f"{sum(1 for r in rows if 'loss' in r)} logged training steps.</p>")
     scores = final_scores(run_dir, rows)

@@ -178,3 +178,12 @@ def test_8bit_base_trains_lora():
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n for n in grads)
     assert all(g is not None for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_method_label_reads_single_methods_lists_and_full_runs():
+    from tuneforge.peft.validate import method_label
+
+    assert method_label(None) == "full fine-tuning"
+    assert method_label({"method": "lora", "lora_rank": 16, "lora_alpha": 32}) == "lora (rank 16, alpha 32)"
+    assert method_label([{"method": "lora", "lora_rank": 4, "lora_alpha": 8}, {"method": "prompt_tuning"}]) == \
+        "lora (rank 4, alpha 8) + prompt_tuning"

@@ -108,3 +108,15 @@ def validate_trainable(cfg: Config, parts: list[PeftConfig], origin: str) -> Non
             re.compile(pattern)
         except re.error as e:
             _fail(origin, f"train.trainable.patterns[{i}]: invalid regex {pattern!r} ({e})")
+
+
+def method_label(peft) -> str:
+    """How a saved config's `peft` section reads in a report or model card: 'full fine-tuning',
+    'lora (rank 16, alpha 32)', or several methods joined with ' + '."""
+    parts = peft if isinstance(peft, list) else [peft] if peft else []
+    labels = []
+    for part in parts:
+        method = part.get("method", "lora")
+        labels.append(f"{method} (rank {part.get('lora_rank')}, alpha {part.get('lora_alpha')})"
+                      if method == "lora" else method)
+    return " + ".join(labels) or "full fine-tuning"
