@@ -49,7 +49,8 @@ SLURM_TEMPLATE = """#!/usr/bin/env bash
 set -euo pipefail
 cd {workdir}
 
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list: `head` would close the pipe early and pipefail would turn that SIGPIPE into a failure
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 rdzv_port=${{TUNEFORGE_RDZV_PORT:-29500}}
 preempted=0
 
