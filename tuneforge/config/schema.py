@@ -122,6 +122,8 @@ class DataConfig:
         "(several examples per row of seq_length, no cross-attention; micro_batch_size counts rows)", "pad_longest")
     val_split: Optional[float] = doc("hold out this fraction of the training examples as validation (no validation given)", None)
     chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
+    num_workers: int = doc("background processes that collate micro-batches ahead of the step (0 = in the training "
+                           "process; collation is cheap next to a step)", 0)
     cache: bool = doc("reuse tokenized data when the files, tokenizer, template and lengths are unchanged", True)
     cache_dir: Optional[str] = doc("tokenized-data cache (default $TUNEFORGE_CACHE_DIR or ~/.cache/tuneforge/data)", None)
 
@@ -133,6 +135,8 @@ class OptimizerConfig:
     weight_decay: float = doc("decoupled weight decay (adamw) / L2 (adam)", 0.0)
     betas: list[float] = doc("Adam betas", factory=lambda: [0.9, 0.999])
     eps: float = doc("Adam epsilon", 1e-8)
+    fused: Optional[bool] = doc("fused Adam(W) kernel (one pass over all parameters); null = on where torch has it "
+                                "for the device (CPU and CUDA)", None)
 
 
 @dataclass
@@ -168,6 +172,11 @@ class TrainConfig:
                              5)
     trainable: Optional[TrainableConfig] = doc(
         "partial fine-tuning (peft: null): train only these parts, freeze the rest; null = train every weight", None)
+    compile: bool = doc("torch.compile the model (the first steps are slower while it compiles; on CPU it needs a C++ "
+                        "compiler)", False)
+    loss_chunk_tokens: int = doc(
+        "labelled positions per chunk of the fused LM head + cross-entropy: at most this many rows of fp32 logits "
+        "exist at once; 0 = one chunk", 2048)
 
 
 @dataclass
