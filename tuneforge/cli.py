@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", metavar="FILE.jsonl", help="also write the formatted input/output records as jsonl")
     prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    pl = sub.add_parser("plan", help="estimate a recipe's peak memory and step time before training",
+                        description="Peak memory per process (weights, gradients, optimizer state, activations traced "
+                                    "on fake tensors, loss, runtime), with and without activation checkpointing and "
+                                    "sharding, whether it fits this machine, a suggested micro batch and a step "
+                                    "time estimate. Reads only the model's config: no weights are loaded.")
+    pl.add_argument("-c", "--config", required=True, help="recipe YAML file")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    pl.add_argument("--nproc", type=int, default=1, metavar="N", help="training processes in all (default 1)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: cuda when present)")
+    pl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
     mg = sub.add_parser("merge", help="merge a run's adapter into the base weights (full HF model dir)",
                         description="Fold a run's LoRA / DoRA / rsLoRA or IA3 adapter into a full-precision copy "
                                     "of the base model (QLoRA runs too) and save it with the tokenizer, loadable "
@@ -240,6 +251,17 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.plan import plan
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    cfg = load_config(args.config, args.overrides, world_size=args.nproc)
+    print(plan(cfg, args.nproc, args.device))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from tuneforge.peft.merge import merge_run
 
@@ -314,7 +336,7 @@ def cmd_slurm(args) -> int:
 
 
 COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm,
-            "prepare-data": cmd_prepare_data, "merge": cmd_merge, "eval": cmd_eval, "report": cmd_report,
+            "prepare-data": cmd_prepare_data, "plan": cmd_plan, "merge": cmd_merge, "eval": cmd_eval, "report": cmd_report,
             "export": cmd_export, "push": cmd_push}
 
 

@@ -25,6 +25,10 @@ class ModelConfig:
     name_or_path: str = doc("Hugging Face Hub id or local directory of an AutoModelForCausalLM", "")
     dtype: Literal["auto", "float32", "bfloat16"] = doc(
         "compute dtype: auto = bf16 autocast on capable CPUs and CUDA, else fp32; master weights stay fp32", "auto")
+    frozen_dtype: Literal["auto", "float32"] = doc(
+        "adapter runs: auto = keep the frozen linear weights in the compute dtype (bf16 under autocast: the values "
+        "autocast would cast them to, at half the memory and without re-casting them every step); float32 keeps "
+        "them fp32", "auto")
     attn_implementation: Optional[str] = doc("attention backend passed to transformers (sdpa, eager, flash_attention_2)", "sdpa")
     trust_remote_code: bool = doc("run model code shipped with the checkpoint (only for sources you trust)", False)
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) when name_or_path is a Hub id", None)
@@ -122,6 +126,8 @@ class DataConfig:
         "(several examples per row of seq_length, no cross-attention; micro_batch_size counts rows)", "pad_longest")
     val_split: Optional[float] = doc("hold out this fraction of the training examples as validation (no validation given)", None)
     chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
+    shuffle: bool = doc("shuffle the training examples each epoch (seeded); false = file order, sources one after "
+                        "another (their weights unused)", True)
     num_workers: int = doc("background processes that collate micro-batches ahead of the step (0 = in the training "
                            "process; collation is cheap next to a step)", 0)
     cache: bool = doc("reuse tokenized data when the files, tokenizer, template and lengths are unchanged", True)

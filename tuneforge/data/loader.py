@@ -247,16 +247,16 @@ def build_collator(batching: str, pad_id: int, seq_length: int | None = None):
 
 def build_train_loader(examples, micro_batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1,
                        batching: str = "pad_longest", seq_length: int | None = None,
-                       sizes: Sequence[int] | None = None, weights: Sequence[float] | None = None
-                       ) -> StatefulDataLoader:
+                       sizes: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+                       shuffle: bool = True, num_workers: int = 0) -> StatefulDataLoader:
     lengths = getattr(examples, "lengths", None)
     if lengths is None and batching in ("group_by_length", "packing"):
         lengths = np.array([len(ex.input_ids) for ex in examples])
-    sampler = MicroBatchSampler(len(examples), micro_batch_size, seed, rank=rank, world_size=world_size,
+    sampler = MicroBatchSampler(len(examples), micro_batch_size, seed, shuffle, rank=rank, world_size=world_size,
                                 batching=batching, lengths=lengths, seq_length=seq_length, sizes=sizes,
                                 weights=weights)
     return StatefulDataLoader(ExampleSet(examples), batch_sampler=sampler,
-                              collate_fn=build_collator(batching, pad_id, seq_length), num_workers=0)
+                              collate_fn=build_collator(batching, pad_id, seq_length), num_workers=num_workers)
 
 
 def build_eval_batches(examples, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1,

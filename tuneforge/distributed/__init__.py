@@ -91,14 +91,15 @@ class TrainModule(nn.Module):
     """The model plus tuneforge's loss in one forward, so the DDP / FSDP hooks run around exactly what trains
     (the loss calls the backbone and the LM head directly, on labelled positions only)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_chunk_tokens: int = 1024):
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from tuneforge.models.loss import causal_lm_loss
 
-        return causal_lm_loss(self.model, batch)
+        return causal_lm_loss(self.model, batch, chunk_tokens=self.loss_chunk_tokens)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -153,8 +154,9 @@ def apply_ddp(module: TrainModule, env: DistEnv) -> nn.Module:
     return DistributedDataParallel(module.to(env.device), device_ids=device_ids)
 
 
-def wrap_model(model: nn.Module, strategy: str, cfg: DistributedConfig, env: DistEnv, compute_dtype) -> nn.Module:
-    module = TrainModule(model)
+def wrap_model(model: nn.Module, strategy: str, cfg: DistributedConfig, env: DistEnv, compute_dtype,
+               loss_chunk_tokens: int = 1024) -> nn.Module:
+    module = TrainModule(model, loss_chunk_tokens)
     if strategy == "ddp":
         return apply_ddp(module, env)
     if strategy == "fsdp2":

@@ -47,6 +47,22 @@ def resolve_precision(dtype: str, device: str) -> Precision:
     return Precision(device, torch.bfloat16 if cpu_supports_bf16() else None)
 
 
+def store_frozen_linears(model, dtype: torch.dtype) -> int:
+    """Cast the weights (and biases) of frozen nn.Linear layers to the autocast dtype. Autocast would cast them to
+    exactly these values before every matmul (round to nearest even), so the results are unchanged; the fp32 copies
+    and the per-step casts go. Embeddings and norms stay fp32 (they feed the fp32 residual stream), and so does a
+    head tied to the embeddings. Returns the number of layers cast."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = embeddings.weight if embeddings is not None else None
+    cast = 0
+    for module in model.modules():
+        if (type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
+                and module.weight is not tied and module.weight.dtype == torch.float32):
+            module.to(dtype)
+            cast += 1
+    return cast
+
+
 def _hub_kwargs(cfg: ModelConfig) -> dict:
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:

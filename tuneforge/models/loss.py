@@ -2,8 +2,10 @@
 
 Prompt and padding positions need no logits. Running the backbone, then the output layer on the labelled
 positions only, never materialises the (batch, seq, vocab) fp32 logits that a plain forward builds: for SQuAD
-the answer is ~3% of the tokens, so the head and the softmax cost ~30x less. Models whose head is not a plain
-linear layer fall back to the full forward."""
+the answer is ~3% of the tokens, so the head and the softmax cost ~30x less. The labelled positions then go through
+the head and the cross-entropy in chunks whose gradient is formed at once (see HeadCrossEntropy), so even a run
+with a loss on every token (train_on_inputs, pretraining-style data) holds one chunk of fp32 logits at a time.
+Models whose head is not a plain linear layer fall back to the full forward."""
 from __future__ import annotations
 
 import torch
@@ -38,7 +40,51 @@ def _split_head(model):
     return backbone, head
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = False) -> torch.Tensor:
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)) over chunks of rows.
+
+    Each chunk's logits live only inside forward: the gradient of the summed loss with respect to the logits,
+    softmax - onehot, is known there, so forward also forms the chunk's gradients of hidden, weight and bias and
+    drops the logits; backward only scales them by the incoming gradient. Autograd through a plain
+    linear + cross_entropy would keep every chunk's logits (and their softmax) alive until backward. The matmuls
+    follow the caller's autocast like the layer would; the softmax is fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        step = chunk if chunk > 0 else max(1, hidden.size(0))
+        for start in range(0, hidden.size(0), step):
+            h, t = hidden[start:start + step], targets[start:start + step]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1
+            grad = grad.to(torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
+                           else h.dtype)
+            grad_hidden[start:start + step] = grad @ weight.to(grad.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h.to(grad.dtype)).float()
+            if grad_bias is not None:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_hidden * grad_total.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype), None, None)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = False,
+                   chunk_tokens: int = 1024) -> torch.Tensor:
     """Sum (not mean) of next-token losses over labelled positions; the caller divides by the step's tokens."""
     labels = batch["labels"][:, 1:]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -52,5 +98,7 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = F
     backbone, head = split
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
     keep = labels != IGNORE
-    logits = head(hidden[keep])  # (label tokens, vocab)
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    if type(head) is torch.nn.Linear:
+        return HeadCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], chunk_tokens)
+    # an adapter or a quantized layer on the head: its own forward, on the labelled positions only
+    return F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction="sum")

@@ -15,7 +15,16 @@ def build_optimizer(model, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    fused = cfg.fused if cfg.fused is not None else _fused_by_default(decay + no_decay)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def _fused_by_default(params: list[torch.Tensor]) -> bool:
+    """The fused kernel updates every parameter in one pass instead of one op per tensor per Adam term; torch has
+    it for plain CPU and CUDA tensors. FSDP2's DTensor shards keep the foreach path."""
+    from torch.distributed.tensor import DTensor
+
+    return all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
 
 
 def lr_factor(step: int, cfg: SchedulerConfig, total_steps: int) -> float:

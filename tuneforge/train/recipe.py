@@ -21,13 +21,13 @@ from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
-from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, init_distributed, inner_model,
-                                   launched_world_size, needs_skeleton, resolve_strategy, set_gradient_sync, shutdown,
-                                   wrap_model)
+from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, decoder_layers, init_distributed,
+                                   inner_model, launched_world_size, needs_skeleton, resolve_strategy,
+                                   set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
-                              resolve_precision)
+                              resolve_precision, store_frozen_linears)
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.validate import peft_parts
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
@@ -168,13 +168,19 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     trainable, total = count_parameters(model)
     finetuning_lines = describe_finetuning(model, cfg)  # before sharding replaces the parameters
     check_checkpoint_room(run_dir, trainable, cfg)
-    module = wrap_model(model, strategy, cfg.distributed, env, precision.autocast or torch.float32)
+    if cfg.peft is not None and cfg.model.frozen_dtype == "auto" and precision.autocast and strategy != "fsdp2":
+        store_frozen_linears(model, precision.autocast)  # FSDP2 shards a layer's parameters in one dtype
+    if cfg.train.compile:
+        compile_layers(model)
+    module = wrap_model(model, strategy, cfg.distributed, env, precision.autocast or torch.float32,
+                        cfg.train.loss_chunk_tokens)
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
     loader = build_train_loader(train.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
                                 env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
-                                sizes=train.bounds_sizes, weights=train.weights)
+                                sizes=train.bounds_sizes, weights=train.weights, shuffle=cfg.data.shuffle,
+                                num_workers=cfg.data.num_workers)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
     val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
@@ -250,7 +256,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
             seconds = time.perf_counter() - started
             real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
             metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": real_tokens / seconds, "label_tokens": int(step_tokens),
+                       "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
+                       "label_tokens": int(step_tokens),
                        "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
                        **({"skipped_steps": skipped} if skipped else {})}
         if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
@@ -286,6 +293,13 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
             sink.info(f"report: {write_report(run_dir)}")
     del module, optimizer  # a DDP module must go before the process group does
     return run_dir
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (parameter names unchanged): every layer shares one compiled graph,
+    so compiling takes seconds, not the minutes of a whole-model graph, and checkpoints stay loadable."""
+    for layer in decoder_layers(model):
+        layer.compile()
 
 
 def clip_grad_norm(params, max_norm: float | None) -> torch.Tensor:
