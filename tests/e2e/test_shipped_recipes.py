@@ -1,0 +1,45 @@
+"""Every shipped recipe loads, validates (also at the process count it is written for) and trains for 2 steps, in
+this process, with its model swapped for a tiny one of the same architecture family and its data for shipped
+samples. Everything else (PEFT method, batching, packing, quantization, freezing, schedules) is the recipe's own."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_metrics
+from tests.tiny_recipes import tiny_run_overrides
+from tuneforge import finetune, load_config
+from tuneforge.distributed import resolve_strategy
+from tuneforge.train.recipe import check_strategy_fits
+
+# bitsandbytes' CPU 4-bit kernel for no-grad forwards (validation) needs every quantized output size divisible by
+# 32; stories260K's MLP has 172. Training steps take another path and work.
+CPU_QLORA_VALIDATION = pytest.mark.xfail(reason="bitsandbytes CPU 4-bit inference: stories260K's MLP width 172 is "
+                                                "not a multiple of 32", strict=True)
+RECIPES = [pytest.param(p, id=p.name, marks=[CPU_QLORA_VALIDATION] if p.name == "qlora.yaml" else [])
+           for p in sorted((REPO / "recipes").glob("*.yaml"))]
+# Recipes written for several GPUs: their batch arithmetic and strategy must hold at that size.
+WORLD_SIZES = {"llama3_2_1b_squad_peft.yaml": 8, "llama3_2_1b_squad_sft.yaml": 8, "llama_7b_alpaca_fsdp.yaml": 4}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_validates_and_trains_two_steps(recipe: Path, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name shipped files relative to the repository root
+    # the HTML report's plots cost a third of a tiny run and are tested on their own
+    monkeypatch.setattr("tuneforge.train.recipe.write_report", lambda run_dir: run_dir / "report.html")
+    world_size = WORLD_SIZES.get(recipe.name, 1)
+    cfg = load_config(recipe, world_size=world_size)
+    check_strategy_fits(cfg, resolve_strategy(cfg.distributed, world_size))
+    run_dir = finetune(recipe, tiny_run_overrides(recipe, tiny_models, tmp_path))
+    losses = [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert (run_dir / "final").is_dir()
+
+
+def test_every_source_workflow_has_its_recipe():
+    names = {p.name for p in (REPO / "recipes").glob("*.yaml")}
+    assert {"llama3_2_1b_squad_peft.yaml", "llama_7b_alpaca_lora.yaml", "llama_7b_alpaca_qlora.yaml",
+            "llama_7b_alpaca_fsdp.yaml", "llama_7b_alpaca_top2_layers.yaml", "llama3_8b_dolly_lora_packed.yaml",
+            "llama3_2_1b_squad_sft.yaml", "gpt_squad_peft_schemes.yaml"} <= names
