@@ -56,3 +56,9 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
     if output_dir is not None:
         out.append(f"run.output_dir={output_dir}")
     return out
+
+
+def skip_report_plots(monkeypatch) -> None:
+    """The HTML report's plots cost a third of a tiny run and are tested on their own (`tuneforge report` still
+    writes them)."""
+    monkeypatch.setattr("tuneforge.train.recipe.write_report", lambda run_dir: run_dir / "report.html")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SQUAD_DEV
-from tests.tiny_recipes import tiny_run_overrides
+from tests.tiny_recipes import skip_report_plots, tiny_run_overrides
 from tuneforge import cli
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -99,8 +99,7 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Context: Tom has a red ball. Question: What does Tom have? '
                                             'Answer:"}\n{"context": "The sky is blue.", "question": "What is blue?"}\n')
     monkeypatch.chdir(tmp_path)
-    # the HTML report's plots cost a third of a tiny run; `tuneforge report` still writes one
-    monkeypatch.setattr("tuneforge.train.recipe.write_report", lambda run_dir: run_dir / "report.html")
+    skip_report_plots(monkeypatch)
     return tmp_path
 
 

@@ -4,12 +4,13 @@ samples. Everything else (PEFT method, batching, packing, quantization, freezing
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, read_metrics
-from tests.tiny_recipes import tiny_run_overrides
+from tests.tiny_recipes import skip_report_plots, tiny_run_overrides
 from tuneforge import finetune, load_config
 from tuneforge.distributed import resolve_strategy
 from tuneforge.train.recipe import check_strategy_fits
@@ -27,8 +28,7 @@ WORLD_SIZES = {"llama3_2_1b_squad_peft.yaml": 8, "llama3_2_1b_squad_sft.yaml": 8
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_validates_and_trains_two_steps(recipe: Path, tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes name shipped files relative to the repository root
-    # the HTML report's plots cost a third of a tiny run and are tested on their own
-    monkeypatch.setattr("tuneforge.train.recipe.write_report", lambda run_dir: run_dir / "report.html")
+    skip_report_plots(monkeypatch)
     world_size = WORLD_SIZES.get(recipe.name, 1)
     cfg = load_config(recipe, world_size=world_size)
     check_strategy_fits(cfg, resolve_strategy(cfg.distributed, world_size))
@@ -43,3 +43,22 @@ def test_every_source_workflow_has_its_recipe():
     assert {"llama3_2_1b_squad_peft.yaml", "llama_7b_alpaca_lora.yaml", "llama_7b_alpaca_qlora.yaml",
             "llama_7b_alpaca_fsdp.yaml", "llama_7b_alpaca_top2_layers.yaml", "llama3_8b_dolly_lora_packed.yaml",
             "llama3_2_1b_squad_sft.yaml", "gpt_squad_peft_schemes.yaml"} <= names
+
+
+def peft_schemes() -> dict[str, str]:
+    """peft_scheme -> the `peft=` value, from the table of docs/from-gpt-peft-tutorial.md."""
+    text = (REPO / "docs/from-gpt-peft-tutorial.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"^\| `([\w,]+)` \| `([\[{].*[\]}])`", text, flags=re.M))
+
+
+def test_the_docs_list_every_peft_scheme():
+    assert set(peft_schemes()) == {"lora", "adapter", "ptuning", "ia3", "lora,ptuning"}
+
+
+@pytest.mark.parametrize("scheme", ["adapter", "ptuning", "lora,ptuning"])  # lora: the recipe; ia3: the docs test
+def test_each_peft_scheme_of_the_gpt_recipe_trains(scheme, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    skip_report_plots(monkeypatch)
+    recipe = REPO / "recipes/gpt_squad_peft_schemes.yaml"
+    run_dir = finetune(recipe, [f"peft={peft_schemes()[scheme]}", *tiny_run_overrides(recipe, tiny_models, tmp_path)])
+    assert len([row for row in read_metrics(run_dir) if "loss" in row]) == 2
