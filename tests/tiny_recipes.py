@@ -40,8 +40,8 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
     cfg: Config = load_config(recipe, check_paths=False)
     arch = family(cfg.model.name_or_path)
     model = str(tiny_models(arch)) if arch else str(REPO / cfg.model.name_or_path)
-    out = [f"model.name_or_path={model}", "model.dtype=float32", "data.seq_length=256",
-           "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=2", "train.val_every_steps=null", "train.log_every_steps=1",
+    out = [f"model.name_or_path={model}", "model.dtype=float32", "data.seq_length=256", "train.micro_batch_size=2",
+           "train.global_batch_size=4", "train.max_steps=2", "train.val_every_steps=null", "train.log_every_steps=1",
            "logging.wandb=null", "logging.tensorboard=false", "logging.progress=false", "checkpoint.every_steps=null",
            "distributed.strategy=single", "train.compile=false"]
     out += _source_overrides("data.train", cfg.data.train, 0, 8)
