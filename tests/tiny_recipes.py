@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, SQUAD_DEV, SQUAD_TRAIN
 from tuneforge.config import Config, load_config
 from tuneforge.eval.sources import validation_sources
@@ -62,3 +64,15 @@ def skip_report_plots(monkeypatch) -> None:
     """The HTML report's plots cost a third of a tiny run and are tested on their own (`tuneforge report` still
     writes them)."""
     monkeypatch.setattr("tuneforge.train.recipe.write_report", lambda run_dir: run_dir / "report.html")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine threads that spin-wait for a
+    core made these tests ~10x slower (measured on 2 shared cores). Restored afterwards for the other tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SQUAD_DEV
-from tests.tiny_recipes import skip_report_plots, tiny_run_overrides
+from tests.tiny_recipes import one_torch_thread, skip_report_plots, tiny_run_overrides  # noqa: F401 (autouse)
 from tuneforge import cli
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

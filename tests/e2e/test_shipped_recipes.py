@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, read_metrics
-from tests.tiny_recipes import skip_report_plots, tiny_run_overrides
+from tests.tiny_recipes import one_torch_thread, skip_report_plots, tiny_run_overrides  # noqa: F401 (autouse)
 from tuneforge import finetune, load_config
 from tuneforge.distributed import resolve_strategy
 from tuneforge.train.recipe import check_strategy_fits
