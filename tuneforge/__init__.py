@@ -1,3 +1,7 @@
 """tuneforge: fine-tune Hugging Face causal language models from one YAML recipe."""
 
 __version__ = "0.1.0"
+
+from tuneforge.api import evaluate, finetune, generate, load_config  # noqa: E402  (cheap: torch loads on first call)
+
+__all__ = ["__version__", "evaluate", "finetune", "generate", "load_config"]

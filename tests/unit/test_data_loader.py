@@ -153,3 +153,20 @@ def test_cache_hits_when_unchanged_and_misses_on_template_data_or_length(tok, tm
 def test_token_table_round_trips_examples(tok, table):
     again = TokenTable.from_examples([table[i] for i in range(len(table))])
     assert np.array_equal(again.ids, table.ids) and np.array_equal(again.offsets, table.offsets)
+
+
+def test_val_split_of_one_or_more_holds_out_that_many_examples(tok, tmp_path):
+    data = DataConfig(train=DataSource(path=str(SQUAD_TRAIN), limit=40), seq_length=256, val_split=7,
+                      cache_dir=str(tmp_path))
+    train, vals = prepare_data(data, tok, seed=0, progress=False)
+    assert len(vals["val_split"].examples) == 7 and len(train.examples) == 33
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -3])
+def test_val_split_is_a_fraction_or_a_whole_count(value):
+    from tuneforge.config import load_config
+    from tuneforge.errors import UserError
+
+    with pytest.raises(UserError, match="data.val_split: expected a fraction"):
+        load_config({"model": {"name_or_path": "org/model"}, "data": {"train": {"path": "org/data"},
+                                                                       "val_split": value}})

@@ -95,3 +95,21 @@ def test_harness_args_are_checked_against_simple_evaluate():
     assert parse_tasks("hellaswag, arc_easy") == (["hellaswag", "arc_easy"], [])
     with pytest.raises(UserError, match="no such task file 'missing.yaml'"):
         parse_tasks("missing.yaml")
+
+
+def test_squad_questions_come_from_the_validation_sources_split(tmp_path):
+    import datasets
+
+    from tuneforge.eval.evaluate import build_squad_task
+
+    def rows(question: str) -> dict:
+        return {"id": ["q"], "context": ["Paris is in France."], "question": [question],
+                "answers": [{"text": ["France"], "answer_start": [12]}]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows("train split?")),
+                          "validation": datasets.Dataset.from_dict(rows("validation split?"))}).save_to_disk(
+        tmp_path / "squad")
+    cfg = load_config(base_cfg(data={"train": {"path": str(SQUAD_TRAIN)}, "validation": {
+        "path": str(tmp_path / "squad"), "format": "squad", "split": "validation"}}))
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    task = build_squad_task(cfg, squad_source(cfg), AutoTokenizer.from_pretrained(STORIES), model)
+    assert [r.fields["question"] for r in task.records] == ["validation split?"]

@@ -257,7 +257,8 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
         _check(not check_paths or _exists(src.path) or is_hub_id(src.path), origin,
                f"{name}.path: no such file '{src.path}'")
     _check(isinstance(d.train, DataSource) or len(d.train) >= 1, origin, "data.train: needs at least one source")
-    _check(d.val_split is None or 0 < d.val_split < 1, origin, f"data.val_split: must be in (0, 1), got {d.val_split}")
+    _check(d.val_split is None or 0 < d.val_split < 1 or (d.val_split >= 1 and float(d.val_split).is_integer()),
+           origin, f"data.val_split: expected a fraction in (0, 1) or a whole number of examples, got {d.val_split}")
     _check(d.val_split is None or not d.validation, origin,
            "data.val_split: carves validation data from train only when data.validation is not given")
     validate_eval(cfg, origin, check_paths)

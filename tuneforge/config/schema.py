@@ -124,7 +124,9 @@ class DataConfig:
     batching: Literal["pad_longest", "pad_to_max_length", "group_by_length", "packing"] = doc(
         "pad_longest; pad_to_max_length (seq_length); group_by_length (similar lengths per batch); packing "
         "(several examples per row of seq_length, no cross-attention; micro_batch_size counts rows)", "pad_longest")
-    val_split: Optional[float] = doc("hold out this fraction of the training examples as validation (no validation given)", None)
+    val_split: Optional[float] = doc(
+        "hold out training examples as validation (no validation given): a fraction below 1 (0.05), or a number of "
+        "examples (2000), taken from each source in proportion to its size", None)
     chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
     shuffle: bool = doc("shuffle the training examples each epoch (seeded); false = file order, sources one after "
                         "another (their weights unused)", True)

@@ -291,8 +291,10 @@ def prepare_source(data: DataConfig, source: DataSource, tokenizer) -> PreparedD
     return prepare_set(data, [source], tokenizer)
 
 
-def split_validation(train: PreparedData, fraction: float, seed: int) -> tuple[PreparedData, PreparedData]:
-    """Hold out `fraction` of every training source (seeded); both parts keep their source boundaries."""
+def split_validation(train: PreparedData, val_split: float, seed: int) -> tuple[PreparedData, PreparedData]:
+    """Hold out a fraction (val_split < 1) or a number of examples (val_split >= 1) of the training data, the same
+    share of every source (seeded); both parts keep their source boundaries."""
+    fraction = val_split if val_split < 1 else val_split / len(train.examples)
     keep_parts, held_parts, kb, hb = [], [], [0], [0]
     g = np.random.default_rng(seed)
     for s in range(len(train.sources)):
@@ -300,8 +302,8 @@ def split_validation(train: PreparedData, fraction: float, seed: int) -> tuple[P
         order = lo + g.permutation(hi - lo)
         n_held = max(1, int(round(fraction * (hi - lo))))
         if n_held >= hi - lo:
-            raise UserError(f"data.val_split: {fraction} of {hi - lo} examples of {train.sources[s].name} leaves "
-                            f"nothing to train on")
+            raise UserError(f"data.val_split: {val_split:g} of {hi - lo} examples of {train.sources[s].name} "
+                            f"leaves nothing to train on")
         held_parts.append(np.sort(order[:n_held]))
         keep_parts.append(np.sort(order[n_held:]))
         kb.append(kb[-1] + hi - lo - n_held)

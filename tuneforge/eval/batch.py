@@ -6,7 +6,7 @@ import string
 from pathlib import Path
 
 from tuneforge.config.schema import Config
-from tuneforge.data import template_for
+from tuneforge.data import as_sources, template_for
 from tuneforge.errors import UserError
 from tuneforge.eval.generate import Sampling, generate
 
@@ -69,7 +69,7 @@ def predict_file(model, tokenizer, cfg: Config, input_path: str, output_path: st
     as `reference`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-    source = cfg.data.train
+    source = as_sources(cfg.data.train)[0]  # several training sources: the prompts follow the first one's template
     rows = read_prompts(input_path, template_for(cfg.data, source))
     outputs = generate(model, tokenizer, [p for _, p in rows], max_new_tokens, batch_size, precision,
                        stop_at_newline=stop_at_newline, sampling=sampling)

@@ -13,7 +13,7 @@ import torch
 
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
-from tuneforge.data.sources import Record
+from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, render_prompt
 from tuneforge.errors import UserError
 from tuneforge.eval.generate import generate
@@ -108,7 +108,7 @@ def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> Squad
     sq = cfg.eval.squad
     max_new_tokens = sq.max_new_tokens if sq else 32
     batch_size = sq.batch_size if sq else 16
-    records = load_records(source.path, "squad", source.limit)
+    records = load_records(source.path, "squad", source.limit, split=source.split)
     template = template_for(cfg.data, source)
     budget = prompt_budget(model, cfg.data.seq_length, max_new_tokens)
     prompts = [fit_prompt(r, template, tokenizer, budget, source.path) for r in records]
@@ -161,14 +161,14 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     else:
         sources = [(name, _limited(src, limit)) for name, src in validation_sources(cfg.data)]
     for _, src in sources:
-        if not Path(src.path).is_file():
+        if not (Path(src.path).exists() or is_hub_id(src.path)):
             raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
     results: dict = {"model": "base" if base else "final"}
     results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
     squad = squad_source(cfg, dataset, limit)
     predictions = None
     if squad is not None:
-        if not Path(squad.path).is_file():
+        if not (Path(squad.path).exists() or is_hub_id(squad.path)):
             raise UserError(f"{squad.path}: no such SQuAD file")
         task = build_squad_task(cfg, squad, tokenizer, model)
         scores, predictions = task.score(model, tokenizer, precision)

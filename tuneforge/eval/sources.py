@@ -44,7 +44,8 @@ def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = No
         return DataSource(path=sq.path, format="squad", limit=limit)
     for _, src in validation_sources(cfg.data):
         if src.format == "squad":
-            return DataSource(path=src.path, format="squad", limit=limit if limit is not None else src.limit)
+            return DataSource(path=src.path, format="squad", limit=limit if limit is not None else src.limit,
+                              split=src.split)
     return None
 
 

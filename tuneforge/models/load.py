@@ -111,6 +111,10 @@ def load_model(cfg: ModelConfig, path: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _load_error(cfg, "a causal LM", e) from None
+    if cfg.quantization is not None:
+        from tuneforge.models.quantize import avoid_unsupported_cpu_kernels
+
+        avoid_unsupported_cpu_kernels(model)
     model.config.use_cache = False  # training: a KV cache only costs memory (and breaks packed attention)
     return model
 

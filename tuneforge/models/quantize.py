@@ -43,3 +43,16 @@ def build_bnb_config(cfg: QuantizationConfig):
 
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def avoid_unsupported_cpu_kernels(model) -> None:
+    """bitsandbytes switches a 4-bit layer to its packed CPU kernel (AVX-512 BF16) the first time it runs in eval
+    mode without gradients (validation, generation); that kernel packs output rows in blocks of 32 and reads whole
+    quantization blocks per input row, and fails on other shapes (stories260K's MLP is 172 wide). Such layers keep
+    the general 4-bit matmul, in every mode."""
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        if module.out_features % 32 or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
