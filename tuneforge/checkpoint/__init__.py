@@ -72,10 +72,14 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loa
                     keep_last: int | None) -> Path:
     """Single process: trainable weights as safetensors, the rest with torch.save (tensors and plain data only)."""
     tmp = _fresh_tmp(ckpt_root, step)
-    save_file(trainable_state(model), tmp / WEIGHTS)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
-    return _publish(ckpt_root, tmp, step, meta, keep_last)
+    try:
+        save_file(trainable_state(model), tmp / WEIGHTS)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
+        return _publish(ckpt_root, tmp, step, meta, keep_last)
+    except BaseException:  # a second Ctrl-C or a full disk mid-write: leave no half checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_sharded_checkpoint(ckpt_root: Path, step: int, module, optimizer, scheduler, loader, meta: dict,
@@ -123,12 +127,23 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
     _fsync_dir(tmp)
     final = ckpt_root / f"step_{step}"
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     _write_atomic(ckpt_root / LATEST, final.name)
     _apply_retention(ckpt_root, keep_last, keep=final)
+    for leftover in ckpt_root.glob(".tmp-*"):  # from a writer that was killed: never published, only taking room
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Rename out of sight, then delete: a crash mid-delete leaves hidden debris, never a half checkpoint that
+    still looks like one."""
+    doomed = ckpt.with_name(f".tmp-removing-{ckpt.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed)
 
 
 def _complete(ckpt_root: Path) -> list[Path]:
@@ -141,7 +156,7 @@ def _apply_retention(ckpt_root: Path, keep_last: int | None, keep: Path) -> None
         return
     for old in _complete(ckpt_root)[:-keep_last]:
         if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
 
 def verify(ckpt: Path) -> str | None:
