@@ -222,6 +222,26 @@ def load_sharded_checkpoint(ckpt: Path, module, optimizer, scheduler, loader, en
     return int(mine["step"])
 
 
+def shape_mismatch(found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> str | None:
+    """How saved tensors ({name: shape}) first differ from what `whose` ('this model') needs, a wrong shape first
+    (the most telling); None when they agree."""
+    wrong = [n for n in sorted(set(found) & set(expected)) if tuple(found[n]) != tuple(expected[n])]
+    unknown, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    if wrong:
+        return f"tensor {wrong[0]} has shape {list(found[wrong[0]])}, {whose} needs {list(expected[wrong[0]])}"
+    if unknown:
+        return f"it has tensor {unknown[0]}, for which {whose} has no place"
+    return f"it lacks tensor {missing[0]}, which {whose} needs" if missing else None
+
+
+def check_tensors_fit(path: Path, found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> None:
+    """Saved tensors ({name: shape}) are exactly the ones `whose` trains, shape for shape."""
+    problem = shape_mismatch(found, expected, whose)
+    if problem:
+        raise UserError(f"{path}: written for another model or adapter: {problem}; resume with the run's original "
+                        "model.name_or_path and peft settings, or start over with --overwrite")
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
     """Restore everything save_checkpoint wrote; returns the step to continue after."""
     problem = verify(ckpt)
@@ -232,9 +252,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
                         "of processes")
     weights = load_file(ckpt / WEIGHTS)
     params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise UserError(f"checkpoint {ckpt}: does not match this model (unknown tensor {unknown[0]})")
+    # copy_ would broadcast a smaller tensor silently, and a missing one would keep its fresh initialisation
+    expected = {n: tuple(p.shape) for n, p in params.items() if p.requires_grad or n in weights}
+    check_tensors_fit(ckpt / WEIGHTS, {n: tuple(t.shape) for n, t in weights.items()}, expected, "this model")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
