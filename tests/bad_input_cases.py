@@ -146,7 +146,8 @@ CASES = [
              {"step": 2, "files": {"trainable.safetensors": {"size": len(OTHER_CKPT),
                                                              "sha256": hashlib.sha256(OTHER_CKPT).hexdigest()}}})}),
     # ---- adapters: checked against the base model's structure before its weights load ----
-    Case("adapter", "generate with an adapter for another hidden size", ["generate", "--run", "{tmp}/narrow", "--prompt", "x"],
+    Case("adapter", "generate with an adapter for another hidden size",
+         ["generate", "--run", "{tmp}/narrow", "--prompt", "x"],
          f"narrow/final/adapter_model.safetensors: tensor {Q_PROJ_A}.weight has shape [4, 32], the base model", NARROW),
     Case("adapter", "eval with an adapter for another hidden size", ["eval", "--run", "{tmp}/narrow"],
          "(the adapter was trained for 'my/llama-32')", NARROW),
@@ -154,7 +155,8 @@ CASES = [
          "narrow/final/adapter_model.safetensors: tensor", NARROW),
     Case("adapter", "export an adapter for another architecture", ["export", "--run", "{tmp}/gpt2", "--out", "{tmp}/e"],
          "gpt2/final/adapter_config.json: does not fit the base model", GPT2),
-    Case("adapter", "generate with an adapter for other module names", ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
+    Case("adapter", "generate with an adapter for other module names",
+         ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
          "Target modules {'c_attn'} not found in the base model", GPT2),
 ]
 

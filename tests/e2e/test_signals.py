@@ -1,4 +1,5 @@
 """SIGUSR1 / SIGTERM (Slurm preemption) checkpoint at the next step boundary and exit; rerunning continues."""
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +13,6 @@ from tuneforge.checkpoint import find_latest, verify
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_then_resume_finishes(tiny_recipe, tmp_path, sig):
-    import os
-
     args = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe),
             *tiny_overrides(tmp_path, "pre", "train.max_steps=400", "data.seq_length=128")]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -37,8 +36,6 @@ def test_signal_checkpoints_and_exits_then_resume_finishes(tiny_recipe, tmp_path
 
 def test_second_sigint_exits_at_once_and_leaves_only_whole_checkpoints(tiny_recipe, tmp_path):
     """The first Ctrl-C starts the stop checkpoint; a second one during it exits 130 without publishing it."""
-    import os
-
     args = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe),
             *tiny_overrides(tmp_path, "int", "train.max_steps=400", "data.seq_length=128", "checkpoint.every_steps=2",
                             "peft=null")]  # full fine-tuning: the checkpoint write takes a while
@@ -69,8 +66,6 @@ def test_second_sigint_exits_at_once_and_leaves_only_whole_checkpoints(tiny_reci
 
 
 def test_second_sigint_inside_a_checkpoint_write_publishes_nothing(tiny_recipe, tmp_path, monkeypatch):
-    import os
-
     import tuneforge.checkpoint as ckpt_mod
     from tuneforge.config import load_config
     from tuneforge.train import finetune
