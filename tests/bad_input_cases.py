@@ -4,6 +4,7 @@ Each case is a tuneforge command line; `{tmp}` is a scratch directory prepared b
 Regenerate the page after changing cases: python -m tests.bad_input_cases > docs/bad-input.md"""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,34 @@ class Case:
 
 def bad_jsonl(rows: list[str]) -> str:
     return "\n".join(rows) + "\n"
+
+
+STORIES_RUN = (f"model: {{name_or_path: {REPO}/assets/models/stories260K}}\n"  # a finished run's config.yaml
+               f"data: {{train: {{path: {REPO}/assets/data/squad/train.json, format: squad}}}}\n")
+Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+
+
+def safetensors_bytes(shapes: dict[str, tuple]) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()})
+
+
+def lora_files(run: str, target: str, shapes: dict[str, tuple], trained_for: str) -> dict[str, str | bytes]:
+    """A finished run whose final/ holds a LoRA adapter trained for another base model."""
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": [target],
+              "base_model_name_or_path": trained_for}
+    return {f"{run}/config.yaml": STORIES_RUN, f"{run}/final/adapter_config.json": json.dumps(config),
+            f"{run}/final/adapter_model.safetensors": safetensors_bytes(shapes)}
+
+
+# trained for a Llama of hidden size 32 (stories260K's is 64), and for GPT-2 (whose attention is one c_attn)
+NARROW = lora_files("narrow", "q_proj", {f"{Q_PROJ_A}.weight": (4, 32), Q_PROJ_A[:-1] + "B.weight": (64, 4)},
+                    "my/llama-32")
+GPT2 = lora_files("gpt2", "c_attn", {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)},
+                  "openai-community/gpt2")
+OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
 
 
 CASES = [
@@ -110,6 +139,25 @@ CASES = [
     Case("run", "checkpoint whose file does not match its hash", [*FT, "checkpoint.resume={tmp}/ckpt_bad"],
          "ckpt_bad: trainable.safetensors does not match its hash", {"ckpt_bad/trainable.safetensors": b"corrupt",
           "ckpt_bad/manifest.json": json.dumps({"step": 2, "files": {"trainable.safetensors": {"size": 7, "sha256": "0" * 64}}})}),
+    Case("run", "resume a checkpoint of another model", [*FT, "checkpoint.resume={tmp}/ckpt_other"],
+         f"trainable.safetensors: written for another model or adapter: tensor {Q_PROJ_A}.default.weight has "
+         "shape [4, 32], model",
+         {"ckpt_other/trainable.safetensors": OTHER_CKPT, "ckpt_other/manifest.json": json.dumps(
+             {"step": 2, "files": {"trainable.safetensors": {"size": len(OTHER_CKPT),
+                                                             "sha256": hashlib.sha256(OTHER_CKPT).hexdigest()}}})}),
+    # ---- adapters: checked against the base model's structure before its weights load ----
+    Case("adapter", "generate with an adapter for another hidden size",
+         ["generate", "--run", "{tmp}/narrow", "--prompt", "x"],
+         f"narrow/final/adapter_model.safetensors: tensor {Q_PROJ_A}.weight has shape [4, 32], the base model", NARROW),
+    Case("adapter", "eval with an adapter for another hidden size", ["eval", "--run", "{tmp}/narrow"],
+         "(the adapter was trained for 'my/llama-32')", NARROW),
+    Case("adapter", "merge an adapter for another hidden size", ["merge", "--run", "{tmp}/narrow", "--out", "{tmp}/m"],
+         "narrow/final/adapter_model.safetensors: tensor", NARROW),
+    Case("adapter", "export an adapter for another architecture", ["export", "--run", "{tmp}/gpt2", "--out", "{tmp}/e"],
+         "gpt2/final/adapter_config.json: does not fit the base model", GPT2),
+    Case("adapter", "generate with an adapter for other module names",
+         ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
+         "Target modules {'c_attn'} not found in the base model", GPT2),
 ]
 
 

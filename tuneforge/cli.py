@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"tuneforge: error: {rank}{e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("tuneforge: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"tuneforge: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

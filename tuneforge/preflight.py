@@ -33,6 +33,10 @@ def check_model_config(cfg: Config):
     try:
         config = AutoConfig.from_pretrained(m.name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
+        if hub_offline() and not Path(m.name_or_path).expanduser().exists():
+            raise UserError(f"model.name_or_path: '{m.name_or_path}' is no local directory and is not in the Hub "
+                            "cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download) "
+                            "or give a local path") from None
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first})") from None
     remote = bool(getattr(config, "auto_map", {}) or {}) and m.trust_remote_code
@@ -40,6 +44,12 @@ def check_model_config(cfg: Config):
         raise UserError(f"model.name_or_path: '{m.name_or_path}' is a {config.model_type!r} model without a causal-LM "
                         "head (AutoModelForCausalLM cannot load it)")
     return config
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_seq_length(cfg: Config, config) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, read_metrics, run_cli, tiny_overrides
+from tests.conftest import REPO, SQUAD_DEV, read_metrics, run_cli, tiny_overrides
 from tuneforge.config import load_config
 from tuneforge.errors import TrainingAborted
 
@@ -57,43 +57,58 @@ def test_consecutive_non_finite_steps_abort(tiny_recipe, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in newest.values())
 
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp_path):
-    """10 kills, several inside checkpoint writes; every resume continues the same run to the same weights."""
-    steps = ["train.max_steps=24", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "data.seq_length=128",
-             "data.train.limit=48", "train.micro_batch_size=4", "train.global_batch_size=4"]
-    run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "whole", *steps))
-    args = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe),
-            *tiny_overrides(tmp_path, "killed", *steps)]
+FP32_STEPS = ["train.max_steps=24", "data.train.limit=48", "data.seq_length=128"]
+# bf16 autocast (slow on CPUs without bf16 matmuls: shorter), validating often so that kills also land there
+BF16_STEPS = ["model.dtype=bfloat16", "train.max_steps=6", "data.train.limit=24", "data.seq_length=96",
+              "train.val_every_steps=2", f"data.validation={{path: {SQUAD_DEV}, format: squad, limit: 4}}"]
+
+
+@pytest.mark.parametrize("steps,moments", [(FP32_STEPS, ["write", "any", "any"] * 3 + ["any"]),
+                                           (BF16_STEPS, ["write", "training", "write"])], ids=["fp32", "bf16"])
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp_path, steps, moments):
+    """A SIGKILL at each moment (inside a checkpoint write; anywhere; after training started), each followed by
+    the same command again; the last rerun finishes with the weights and metrics of an uninterrupted run."""
+    steps = ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "train.micro_batch_size=4",
+             "train.global_batch_size=4", *steps]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    ckpts = tmp_path / "killed/checkpoints"
+    command = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe)]
+    whole = subprocess.Popen([*command, *tiny_overrides(tmp_path, "whole", *steps)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # alongside the kills
+    killed = [*command, *tiny_overrides(tmp_path, "killed", *steps)]
     rng = random.Random(0)
-    kills = 0
-    for attempt in range(40):
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        in_write = attempt % 2 == 0  # every other kill waits for a checkpoint being written
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            if in_write and ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir()):
-                break
-            if not in_write and (tmp_path / "killed/metrics.jsonl").exists() and rng.random() < 0.05:
-                break
-            time.sleep(0.002)
-        if proc.poll() is not None:
-            assert proc.returncode == 0
-            break
+    for moment in moments:
+        proc = subprocess.Popen(killed, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(moment, proc, tmp_path / "killed", rng)
+        assert proc.poll() is None, f"the run ended before the '{moment}' kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
-        if kills == 10:
-            break
-    assert kills == 10
-    run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(tmp_path, "killed", *steps))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    run_cli(*killed[3:])
     a = load_file(tmp_path / "whole/final/adapter_model.safetensors")
     b = load_file(tmp_path / "killed/final/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     timing = {"tokens_per_s", "step_seconds", "peak_rss_mb"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+
+
+def wait_for(moment: str, proc, run_dir, rng, timeout: float = 60) -> None:
+    """Return at the moment to kill: while a checkpoint is being written ('write'), soon after the run has
+    metrics at all, often still starting up ('any'), or at a random point of the steps after this process's
+    first one ('training': mid-step, mid-validation or mid-write)."""
+    ckpts, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    lines = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
+    writes = lambda: {p.name for p in ckpts.glob(".tmp-step*")}  # noqa: E731
+    started, old_writes, deadline = lines(), writes(), time.time() + timeout  # a killed write leaves its directory
+    while proc.poll() is None and time.time() < deadline:
+        if moment == "write" and writes() - old_writes:
+            return
+        if moment == "any" and metrics.exists() and rng.random() < 0.05:
+            return
+        if moment == "training" and lines() > started:
+            time.sleep(rng.uniform(0, 0.5))
+            return
+        time.sleep(0.002)
 
 
 def test_tokens_and_keys_never_reach_the_run_directory(tiny_recipe, tmp_path):

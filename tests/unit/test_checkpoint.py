@@ -1,9 +1,11 @@
+import pytest
 import torch
 from torch import nn
 
 from tuneforge.checkpoint import LATEST, find_latest, load_checkpoint, save_checkpoint
 from tuneforge.config.schema import SchedulerConfig
 from tuneforge.data.loader import MicroBatchSampler
+from tuneforge.errors import UserError
 from tuneforge.train.optim import build_scheduler
 
 
@@ -66,3 +68,14 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, caplog):
     # a half-written temporary directory is never picked
     (tmp_path / ".tmp-step_3-1").mkdir()
     assert find_latest(tmp_path).name == "step_1"
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    model, opt, sched, loader = parts(0)
+    save_checkpoint(tmp_path, 1, model, opt, sched, loader, {}, keep_last=None)
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    no_bias = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, bias=False))
+    for model, expect in ((other, r"tensor 1.bias has shape \[2\], this model needs \[3\]"),
+                          (no_bias, r"it has tensor 1.bias, for which this model has no place")):
+        with pytest.raises(UserError, match=expect):
+            load_checkpoint(find_latest(tmp_path), model, *parts(1)[1:])

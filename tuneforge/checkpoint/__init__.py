@@ -72,10 +72,14 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loa
                     keep_last: int | None) -> Path:
     """Single process: trainable weights as safetensors, the rest with torch.save (tensors and plain data only)."""
     tmp = _fresh_tmp(ckpt_root, step)
-    save_file(trainable_state(model), tmp / WEIGHTS)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
-    return _publish(ckpt_root, tmp, step, meta, keep_last)
+    try:
+        save_file(trainable_state(model), tmp / WEIGHTS)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
+        return _publish(ckpt_root, tmp, step, meta, keep_last)
+    except BaseException:  # a second Ctrl-C or a full disk mid-write: leave no half checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_sharded_checkpoint(ckpt_root: Path, step: int, module, optimizer, scheduler, loader, meta: dict,
@@ -123,12 +127,23 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
     _fsync_dir(tmp)
     final = ckpt_root / f"step_{step}"
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     _write_atomic(ckpt_root / LATEST, final.name)
     _apply_retention(ckpt_root, keep_last, keep=final)
+    for leftover in ckpt_root.glob(".tmp-*"):  # from a writer that was killed: never published, only taking room
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Rename out of sight, then delete: a crash mid-delete leaves hidden debris, never a half checkpoint that
+    still looks like one."""
+    doomed = ckpt.with_name(f".tmp-removing-{ckpt.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed)
 
 
 def _complete(ckpt_root: Path) -> list[Path]:
@@ -141,7 +156,7 @@ def _apply_retention(ckpt_root: Path, keep_last: int | None, keep: Path) -> None
         return
     for old in _complete(ckpt_root)[:-keep_last]:
         if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
 
 def verify(ckpt: Path) -> str | None:
@@ -207,6 +222,26 @@ def load_sharded_checkpoint(ckpt: Path, module, optimizer, scheduler, loader, en
     return int(mine["step"])
 
 
+def shape_mismatch(found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> str | None:
+    """How saved tensors ({name: shape}) first differ from what `whose` ('this model') needs, a wrong shape first
+    (the most telling); None when they agree."""
+    wrong = [n for n in sorted(set(found) & set(expected)) if tuple(found[n]) != tuple(expected[n])]
+    unknown, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    if wrong:
+        return f"tensor {wrong[0]} has shape {list(found[wrong[0]])}, {whose} needs {list(expected[wrong[0]])}"
+    if unknown:
+        return f"it has tensor {unknown[0]}, for which {whose} has no place"
+    return f"it lacks tensor {missing[0]}, which {whose} needs" if missing else None
+
+
+def check_tensors_fit(path: Path, found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> None:
+    """Saved tensors ({name: shape}) are exactly the ones `whose` trains, shape for shape."""
+    problem = shape_mismatch(found, expected, whose)
+    if problem:
+        raise UserError(f"{path}: written for another model or adapter: {problem}; resume with the run's original "
+                        "model.name_or_path and peft settings, or start over with --overwrite")
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
     """Restore everything save_checkpoint wrote; returns the step to continue after."""
     problem = verify(ckpt)
@@ -217,9 +252,9 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
                         "of processes")
     weights = load_file(ckpt / WEIGHTS)
     params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise UserError(f"checkpoint {ckpt}: does not match this model (unknown tensor {unknown[0]})")
+    # copy_ would broadcast a smaller tensor silently, and a missing one would keep its fresh initialisation
+    expected = {n: tuple(p.shape) for n, p in params.items() if p.requires_grad or n in weights}
+    check_tensors_fit(ckpt / WEIGHTS, {n: tuple(t.shape) for n, t in weights.items()}, expected, "this model")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

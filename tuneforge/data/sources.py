@@ -106,20 +106,22 @@ def iter_rows(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:
 
 
 def _parse_json(p: Path) -> Any:
-    try:
-        return json.loads(_read_text(p))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return _loads(_read_text(p), p, None)
 
 
 def _jsonl_rows(p: Path) -> Iterator[tuple[str, Any]]:
     for lineno, line in enumerate(_read_text(p).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{p}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+        if line.strip():
+            yield f"{p}:{lineno}", _loads(line, p, lineno)
+
+
+def _loads(text: str, p: Path, lineno: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{lineno or e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{p}:{lineno or 1}: JSON nested too deeply to read") from None
 
 
 def _read_arrow(p: Path):
@@ -186,6 +188,17 @@ def _get(obj: Any, key: str, tp: type | tuple, where: str, column: str | None = 
     if not isinstance(value, tp):
         name = tp.__name__ if isinstance(tp, type) else " or ".join(t.__name__ for t in tp)
         raise UserError(f"{where}: field '{column}' must be {name}, got {type(value).__name__}")
+    return _check_text(value, where, column) if isinstance(value, str) else value
+
+
+def _check_text(value: str, where: str, column: str) -> str:
+    """JSON's \\u escapes can spell half of a UTF-16 pair, which no tokenizer (nor UTF-8) accepts."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{where}: field '{column}' has an invalid character at position {e.start} "
+                            f"(a lone surrogate, e.g. from a \\u{ord(value[e.start]):04x} escape)") from None
     return value
 
 
@@ -201,9 +214,9 @@ class _Reader:
             return ""
         return _get(row, key, tp, where, column)
 
-    def extra(self, row: dict) -> dict[str, str]:
+    def extra(self, row: dict, where: str) -> dict[str, str]:
         """String columns under their own names and, for mapped ones, their canonical names (for templates)."""
-        fields = {k: v for k, v in row.items() if isinstance(v, str)}
+        fields = {k: _check_text(v, where, k) for k, v in row.items() if isinstance(v, str)}
         for key, column in self.columns.items():
             if isinstance(row.get(column), str):
                 fields[key] = row[column]
@@ -218,7 +231,7 @@ def _squad_record(r: _Reader, row: Any, where: str, unanswerable: str | None, no
         texts = answers.get("text") or []
     else:
         texts = [_get(a, "text", str, f"{where}.answers[{i}]") for i, a in enumerate(answers)]
-    if not all(isinstance(t, str) for t in texts):
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise UserError(f"{where}: field 'answers' must hold answer texts (strings)")
     if not texts:  # SQuAD v2 unanswerable question
         if unanswerable is None:
@@ -256,7 +269,7 @@ def _alpaca_like(r: _Reader, row: Any, where: str, out_key: str, in_key: str) ->
     instruction = r.get(row, "instruction", str, where)
     extra = r.get(row, in_key, str, where, optional=True)
     output = r.get(row, out_key, str, where)
-    fields = dict(r.extra(row), instruction=instruction, **{in_key: extra, out_key: output})
+    fields = dict(r.extra(row, where), instruction=instruction, **{in_key: extra, out_key: output})
     template = DEFAULT_TEMPLATES[r.fmt] if extra.strip() else _NO_INPUT_TEMPLATE
     return Record(fields, output, id=str(row.get("id", where)), references=[output.strip()],
                   truncatable=in_key if r.fmt == "dolly" and extra.strip() else None, template=template)
@@ -266,14 +279,14 @@ def _row_record(fmt: str, r: _Reader, row: Any, where: str) -> Record:
     if fmt == "input_output":
         r.get(row, "input", str, where)
         output = r.get(row, "output", str, where)
-        return Record(r.extra(row), output, id=str(row.get("id", where)), references=[output.strip()])
+        return Record(r.extra(row, where), output, id=str(row.get("id", where)), references=[output.strip()])
     if fmt == "alpaca":
         return _alpaca_like(r, row, where, "output", "input")
     if fmt == "dolly":
         return _alpaca_like(r, row, where, "response", "context")
     if fmt == "text":
         text = r.get(row, "text", str, where)
-        return Record(r.extra(row), text, id=str(row.get("id", where)))
+        return Record(r.extra(row, where), text, id=str(row.get("id", where)))
     if fmt == "chat":
         messages = r.get(row, "messages", list, where)
         for i, m in enumerate(messages):

@@ -11,6 +11,7 @@ from tuneforge.distributed import detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import load_model, load_tokenizer, resolve_precision
 from tuneforge.peft import load_adapters, saved_adapters, transformers_model
+from tuneforge.peft.fit import check_adapters_fit
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, Path]:
@@ -25,6 +26,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[C
 def load_run_model(run_dir: str | Path, base: bool = False, overrides: list[str] | None = None):
     """(model, tokenizer, config) of a finished run; `base` skips the adapter (for before/after comparisons)."""
     cfg, final = load_run(run_dir, overrides)
+    if saved_adapters(final) and not base:
+        check_adapters_fit(cfg.model, final)  # before the base weights load
     tokenizer = load_tokenizer(cfg.model, str(final))
     if saved_adapters(final):
         model = load_model(cfg.model)

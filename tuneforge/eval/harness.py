@@ -76,6 +76,9 @@ def model_args(run_dir: Path, base: bool) -> dict:
         if cfg.model.revision:
             args["revision"] = cfg.model.revision
         if is_adapter(final) and not base:
+            from tuneforge.peft.fit import check_adapters_fit
+
+            check_adapters_fit(cfg.model, final)
             args["peft"] = str(final.resolve())
     else:
         args["pretrained"] = str(final.resolve())

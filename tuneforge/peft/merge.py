@@ -20,9 +20,11 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     from tuneforge.eval.generate import load_run
     from tuneforge.models import load_model, load_tokenizer
     from tuneforge.peft import check_mergeable, load_adapters
+    from tuneforge.peft.fit import check_adapters_fit
 
     cfg, final = load_run(run_dir)
     check_mergeable(final)
+    check_adapters_fit(cfg.model, final)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")

@@ -20,10 +20,12 @@ def check_wandb(cfg: Config) -> None:
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop lines of steps that will be run again, so the file reads as one uninterrupted run."""
+    """On resume, drop lines of steps that will be run again, so the file reads as one uninterrupted run. A run
+    that starts over (no checkpoint yet) logs its step-0 baseline again, so then every line goes."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= after_step]
+    keep = [line for line in path.read_text().splitlines()
+            if after_step and _step_of(line) is not None and _step_of(line) <= after_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)  # a crash mid-rewrite leaves the old file, never a half one

@@ -29,6 +29,7 @@ from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                               resolve_precision, store_frozen_linears)
 from tuneforge.peft import apply_finetuning, describe_finetuning
+from tuneforge.peft.fit import check_checkpoint_fits
 from tuneforge.peft.validate import peft_parts
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.report import write_report
@@ -152,6 +153,8 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     check_output_dir(cfg)
     check_seq_length(cfg, check_model_config(cfg))
     run_dir, resume_from = prepare_run_dir_on_main(cfg, overwrite, env)
+    if resume_from is not None and not env.initialized:
+        check_checkpoint_fits(cfg, resume_from)  # a changed model or peft section fails before the weights load
     if env.is_main:
         dump_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.run.seed)

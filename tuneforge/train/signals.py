@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 import threading
 
+SECOND_SIGINT = ("a second Ctrl-C stops at once; the newest complete checkpoint is kept (run the same command again "
+                 "to resume from it)")
+
 
 class StopRequest:
     def __init__(self):
@@ -21,7 +24,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
+            self.uninstall()  # the loop will not reach its own uninstall; a caller in this process gets Ctrl-C back
+            raise KeyboardInterrupt(SECOND_SIGINT)
         self.signal_name = signal.Signals(signum).name
 
     @property
