@@ -14,8 +14,9 @@ The benchmark
   train   LoRA r16, alpha 32, dropout 0, every linear layer of the decoder; AdamW lr 2e-4, linear decay to 0 over
           --steps (TRL's default schedule, copied on the tuneforge side), grad-norm clip 1.0, micro batch 8,
           no accumulation, seq_length 512, bf16 autocast over fp32 master weights.
-  sides   tuneforge           packing (8 rows of 512 tokens per step), the recipe defaults otherwise
-          tuneforge-unpacked  pad_longest: the same examples per step as trl-a (the loss comparison)
+  sides   tuneforge           packing (8 rows of 512 tokens per step) and train.compile, defaults otherwise
+          tuneforge-unpacked  pad_longest, no compile: the same examples per step as trl-a (the loss comparison)
+          tuneforge:LEVER     (--levers) the tuneforge side with one lever switched, see LEVERS
           trl-a               TRL defaults for everything not named above (bf16, gradient checkpointing, no packing)
           trl-b               TRL tuned: bf16, no gradient checkpointing, packing=True, padding_free=True
 
@@ -50,6 +51,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared"
 SIDES = ("tuneforge", "tuneforge-unpacked", "trl-a", "trl-b")
+# --levers: the tuneforge side with one lever switched (the recipe key each sits behind)
+LEVERS = {"no-compile": {"train": {"compile": False}}, "fp32": {"model": {"dtype": "float32"}},
+          "no-packing": {"data": {"batching": "pad_longest"}, "train": {"compile": False}},
+          "full-head": {"train": {"head_on_labels_only": False}}, "frozen-fp32": {"model": {"frozen_dtype": "float32"}},
+          "unfused-adamw": {"train": {"optimizer": {"fused": False}}},
+          "checkpointing": {"distributed": {"activation_checkpointing": True}}, "workers": {"data": {"num_workers": 1}},
+          "no-memory-release": {"train": {"release_memory_every_steps": None}}}
 MODEL = dict(vocab_size=50257, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False)
 LORA_R, LORA_ALPHA, LR, MICRO, SEQ = 16, 32, 2e-4, 8, 512
@@ -142,12 +150,17 @@ def measure_peak() -> dict:
 
 
 # ---- one side per process ----------------------------------------------------------------------------------------
-def run_tuneforge(work: Path, steps: int, packed: bool) -> list[dict]:
+def merge(base: dict, change: dict) -> dict:
+    return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in change.items()}}
+
+
+def run_tuneforge(work: Path, steps: int, side: str) -> list[dict]:
     import yaml
 
     from tuneforge.cli import main as cli
 
-    name = "tuneforge" if packed else "tuneforge-unpacked"
+    packed = side != "tuneforge-unpacked"
+    name = side.replace(":", "-")
     recipe = {
         "run": {"name": name, "output_dir": str(work / "runs"), "seed": 0},
         "model": {"name_or_path": str(work / "model"), "dtype": "auto"},
@@ -158,10 +171,13 @@ def run_tuneforge(work: Path, steps: int, packed: bool) -> list[dict]:
                  "cache_dir": str(work / "cache")},
         "train": {"micro_batch_size": MICRO, "global_batch_size": MICRO, "max_steps": steps,
                   "optimizer": {"name": "adamw", "lr": LR, "weight_decay": 0.0},
-                  "lr_scheduler": {"name": "linear", "warmup_steps": 0}, "grad_clip": 1.0, "log_every_steps": 1},
+                  "lr_scheduler": {"name": "linear", "warmup_steps": 0}, "grad_clip": 1.0, "log_every_steps": 1,
+                  "compile": packed},
         "checkpoint": {"every_steps": None, "resume": "never"},
         "logging": {"tensorboard": False, "progress": False},
     }
+    if ":" in side:
+        recipe = merge(recipe, LEVERS[side.split(":", 1)[1]])
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     if cli(["finetune", "-c", str(path), "--overwrite"]) != 0:
@@ -203,7 +219,7 @@ def run_trl(work: Path, steps: int, tuned: bool) -> list[dict]:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                log[state.global_step - 1]["loss"] = logs["loss"]
+                log[state.global_step - 1]["loss"] = float(logs["loss"])  # logged as text, 4 significant digits
 
     model_dir = work / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -224,7 +240,7 @@ def run_trl(work: Path, steps: int, tuned: bool) -> list[dict]:
 def child(side: str, work: Path, steps: int, out: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if side.startswith("tuneforge"):
-        rows = run_tuneforge(work, steps, packed=side == "tuneforge")
+        rows = run_tuneforge(work, steps, side)
     else:
         rows = run_trl(work, steps, tuned=side == "trl-b")
     out.write_text(json.dumps(rows))
@@ -261,7 +277,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repeat the alternation; the table uses the best round")
     ap.add_argument("--examples", type=int, default=2000, help="SQuAD questions to keep (enough for --steps)")
     ap.add_argument("--work", default="/tmp/tuneforge-bench-sft")
-    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--levers", action="store_true", help="run the tuneforge side once per lever switched (LEVERS)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
     if args.child:
@@ -281,7 +298,7 @@ def main() -> None:
     data = build_data(work, work / "model", squad, args.examples)
     per_token, per_label = flops_per_token(data["context_per_token"])
     peak = measure_peak()
-    sides = args.sides.split(",")
+    sides = ["tuneforge"] + [f"tuneforge:{k}" for k in LEVERS] if args.levers else args.sides.split(",")
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for side in sides:
@@ -309,6 +326,10 @@ def main() -> None:
                 print(f"{ours} / {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                       f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak memory, loss "
                       f"{100 * (a['loss_last4'] / b['loss_last4'] - 1):+.2f}%")
+    for side, r in results.items():
+        if side.startswith("tuneforge:") and "tuneforge" in results:
+            print(f"{side}: {r['tokens_per_s'] / results['tuneforge']['tokens_per_s']:.2f}x the tokens/s of all levers "
+                  f"on, {r['peak_rss_gb'] / results['tuneforge']['peak_rss_gb']:.2f}x its peak memory")
     (work / "results.json").write_text(json.dumps({"peak": peak, "data": data, "results": results}, indent=1))
     print(f"per-step losses and the peak by shape: {work / 'results.json'}")
 

@@ -12,8 +12,10 @@ Memory, per process:
                micro_batch_size. With activation checkpointing only each layer's input stays, plus one layer's
                activations while it is recomputed. The loss adds its labelled positions' hidden states and one chunk
                of fp32 logits (train.loss_chunk_tokens).
-  runtime      this process with torch and transformers loaded (measured here; training adds the tokenized data,
-               a few hundred MB at most) and, under FSDP2, one gathered layer.
+  runtime      this process with torch and transformers loaded (measured here) plus the working memory a training
+               process adds (data pipeline, autograd; calibrated, see WORKING_SET) and, under FSDP2, one gathered
+               layer. Activations are counted for full rows of seq_length (packing; with padding to the longest
+               example of a micro-batch the estimate is an upper bound) plus backward's temporaries.
 Step time: model FLOPs of one optimizer step (2 per weight per token forward; 2 backward for the input gradients
 and 2 more where weights train; the LM head on labelled positions) divided by the matmul throughput measured on
 this machine's device in the recipe's precision, times the efficiency the training loop reaches on it
@@ -33,7 +35,12 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 
 GiB = 2**30
-LOOP_EFFICIENCY = 0.35  # measured tokens x model FLOPs / measured matmul peak of the training loop (bench_sft.py)
+LOOP_EFFICIENCY = 0.2  # measured tokens x model FLOPs / measured matmul peak of the training loop (bench_sft.py)
+# Calibrated against measured peak RSS (benchmarks/bench_plan.py): backward's temporaries (activation gradients, the
+# allocator's slack) add about half of the saved activations, and a training process holds ~0.45 GiB beyond its
+# imports (data pipeline, autograd and thread-pool working memory).
+BACKWARD_SLACK = 1.5
+WORKING_SET = 0.45 * 2**30
 LABELLED_SHARE = 0.1  # share of positions with a label when the loss skips the prompt (SQuAD-like data: 3-10%)
 
 
@@ -71,6 +78,8 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     """The report `tuneforge plan` prints."""
     from tuneforge.distributed import resolve_strategy
     from tuneforge.models.load import resolve_precision
+
+    import tuneforge.train.recipe  # noqa: F401 - what a training process imports is part of its baseline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     strategy = resolve_strategy(cfg.distributed, world_size)
@@ -191,13 +200,14 @@ def memory(cfg: Config, f: ModelFacts, micro: int, checkpointing: bool, shards: 
         activations = micro * (seq * f.layer_input_per_token * f.layers + f.saved_per_sequence / max(f.layers, 1))
     else:
         activations = micro * f.saved_per_sequence
+    activations *= BACKWARD_SLACK
     labelled = micro * seq * (1.0 if cfg.data.train_on_inputs else LABELLED_SHARE)
     if f.plain_head:  # hidden states and their gradient at labelled positions, one chunk of fp32 logits (+ bf16)
         chunk = min(labelled, cfg.train.loss_chunk_tokens or labelled)
         loss = labelled * f.hidden * 8 + chunk * f.vocab * 6
     else:
         loss = micro * seq * f.vocab * 4 * 2
-    runtime = _rss_bytes()
+    runtime = _rss_bytes() + WORKING_SET
     if shards > 1:  # one gathered layer while it runs
         runtime += f.weight_bytes / max(f.layers, 1)
     return Estimate(f.weight_bytes / shards, 4 * f.trainable / shards, adam * f.trainable / shards, activations,

@@ -241,6 +241,8 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
            f"train.val_every_steps: must be >= 1 or null, got {t.val_every_steps}")
     _check(t.lr_scheduler.warmup_steps >= 0, origin, "train.lr_scheduler.warmup_steps: must be >= 0")
     _check(t.loss_chunk_tokens >= 0, origin, f"train.loss_chunk_tokens: must be >= 0, got {t.loss_chunk_tokens}")
+    _check(t.release_memory_every_steps is None or t.release_memory_every_steps >= 1, origin,
+           f"train.release_memory_every_steps: must be >= 1 or null, got {t.release_memory_every_steps}")
     _check(d.num_workers >= 0, origin, f"data.num_workers: must be >= 0, got {d.num_workers}")
     _check(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1, origin,
            "checkpoint.every_steps: must be >= 1 or null")

@@ -91,15 +91,15 @@ class TrainModule(nn.Module):
     """The model plus tuneforge's loss in one forward, so the DDP / FSDP hooks run around exactly what trains
     (the loss calls the backbone and the LM head directly, on labelled positions only)."""
 
-    def __init__(self, model: nn.Module, loss_chunk_tokens: int = 1024):
+    def __init__(self, model: nn.Module, loss_chunk_tokens: int = 1024, head_on_labels_only: bool = True):
         super().__init__()
         self.model = model
-        self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_chunk_tokens, self.full_forward = loss_chunk_tokens, not head_on_labels_only
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from tuneforge.models.loss import causal_lm_loss
 
-        return causal_lm_loss(self.model, batch, chunk_tokens=self.loss_chunk_tokens)
+        return causal_lm_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -155,8 +155,8 @@ def apply_ddp(module: TrainModule, env: DistEnv) -> nn.Module:
 
 
 def wrap_model(model: nn.Module, strategy: str, cfg: DistributedConfig, env: DistEnv, compute_dtype,
-               loss_chunk_tokens: int = 1024) -> nn.Module:
-    module = TrainModule(model, loss_chunk_tokens)
+               loss_chunk_tokens: int = 1024, head_on_labels_only: bool = True) -> nn.Module:
+    module = TrainModule(model, loss_chunk_tokens, head_on_labels_only)
     if strategy == "ddp":
         return apply_ddp(module, env)
     if strategy == "fsdp2":
