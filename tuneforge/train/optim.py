@@ -21,7 +21,8 @@ def build_optimizer(model, cfg: OptimizerConfig) -> torch.optim.Optimizer:
 
 def _fused_by_default(params: list[torch.Tensor]) -> bool:
     """The fused kernel updates every parameter in one pass instead of one op per tensor per Adam term; torch has
-    it for plain CPU and CUDA tensors. FSDP2's DTensor shards keep the foreach path."""
+    it for CPU and CUDA tensors. FSDP2's DTensor shards keep the foreach path: fused Adam on DTensors rounds
+    differently from fused Adam on the same values unsharded."""
     from torch.distributed.tensor import DTensor
 
     return all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)

@@ -219,73 +219,75 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     params = [p for p in module.parameters() if p.requires_grad]
     batches = iter(loader)
     stop = StopRequest().install()
-    last_step = min(total_steps, t.stop_at_step or total_steps)
-    step, bad_steps, skipped = start_step, 0, 0
-    release_every = t.release_memory_every_steps if env.device == "cpu" else None
-    while step < last_step:
-        step += 1
-        started = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(accum)]
-        # The step's loss is divided by its label tokens over all micro-batches and ranks; DDP and FSDP average
-        # gradients over ranks, so each rank's share is scaled back up by the world size.
-        step_tokens = all_reduce_sum(sum(count_label_tokens(mb) for mb in micro_batches), env)
-        scale = env.world_size / max(step_tokens, 1)
-        loss_sum = 0.0
-        for i, mb in enumerate(micro_batches):
-            with set_gradient_sync(module, i == accum - 1):
-                with precision.context():
-                    loss = module({k: v.to(env.device) for k, v in mb.items()})
-                (loss * scale).backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(params, t.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        step_loss = all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1)
-        healthy = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
-        if healthy:
-            optimizer.step()
-            bad_steps = 0
-        else:  # skip the update: the weights (and so every checkpoint) stay finite
-            bad_steps += 1
-            skipped += 1
-            info(f"step {step}: non-finite loss or gradient ({step_loss}, norm {float(grad_norm)}); step skipped "
-                 f"({bad_steps} in a row, limit train.max_bad_steps={t.max_bad_steps})")
-            if bad_steps >= t.max_bad_steps:
-                raise TrainingAborted(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
-                                      f"{step}); lower train.optimizer.lr, set train.grad_clip, or check the data. "
-                                      "The newest checkpoint holds the last finite weights.")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if release_every and step % release_every == 0:
-            release_freed_memory()
+    try:  # a run that fails (or is interrupted twice) gives the process its signal handlers back
+        last_step = min(total_steps, t.stop_at_step or total_steps)
+        step, bad_steps, skipped = start_step, 0, 0
+        release_every = t.release_memory_every_steps if env.device == "cpu" else None
+        while step < last_step:
+            step += 1
+            started = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(accum)]
+            # The step's loss is divided by its label tokens over all micro-batches and ranks; DDP and FSDP average
+            # gradients over ranks, so each rank's share is scaled back up by the world size.
+            step_tokens = all_reduce_sum(sum(count_label_tokens(mb) for mb in micro_batches), env)
+            scale = env.world_size / max(step_tokens, 1)
+            loss_sum = 0.0
+            for i, mb in enumerate(micro_batches):
+                with set_gradient_sync(module, i == accum - 1):
+                    with precision.context():
+                        loss = module({k: v.to(env.device) for k, v in mb.items()})
+                    (loss * scale).backward()
+                loss_sum += loss.detach()
+            grad_norm = clip_grad_norm(params, t.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            step_loss = all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1)
+            healthy = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
+            if healthy:
+                optimizer.step()
+                bad_steps = 0
+            else:  # skip the update: the weights (and so every checkpoint) stay finite
+                bad_steps += 1
+                skipped += 1
+                info(f"step {step}: non-finite loss or gradient ({step_loss}, norm {float(grad_norm)}); step skipped "
+                     f"({bad_steps} in a row, limit train.max_bad_steps={t.max_bad_steps})")
+                if bad_steps >= t.max_bad_steps:
+                    raise TrainingAborted(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
+                                          f"{step}); lower train.optimizer.lr, set train.grad_clip, or check the data. "
+                                          "The newest checkpoint holds the last finite weights.")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if release_every and step % release_every == 0:
+                release_freed_memory()
 
-        metrics = {}
-        if step % t.log_every_steps == 0 or step == total_steps or not healthy:
-            seconds = time.perf_counter() - started
-            real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
-            metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-                       "label_tokens": int(step_tokens),
-                       "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
-                       **({"skipped_steps": skipped} if skipped else {})}
-        if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
-            metrics.update(validate(module, val_batches, precision, env))
-        if squad is not None:
-            metrics.update(squad.at(step, total_steps, model))
-        if metrics and sink:
-            sink.log(step, metrics)
-        if all_reduce_sum(stop.requested, env):  # every rank stops at the same step boundary
-            last_step = step
-            info(f"{stop.signal_name or 'a signal on another rank'}: checkpointing at step {step} and exiting; "
-                 "run the same command again to continue")
-            break
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < last_step:
-            save_state(run_dir, step, module, optimizer, scheduler, loader, cfg, env)
+            metrics = {}
+            if step % t.log_every_steps == 0 or step == total_steps or not healthy:
+                seconds = time.perf_counter() - started
+                real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
+                metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                           "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
+                           "label_tokens": int(step_tokens),
+                           "epoch": step / per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
+                           **({"skipped_steps": skipped} if skipped else {})}
+            if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
+                metrics.update(validate(module, val_batches, precision, env))
+            if squad is not None:
+                metrics.update(squad.at(step, total_steps, model))
+            if metrics and sink:
+                sink.log(step, metrics)
+            if all_reduce_sum(stop.requested, env):  # every rank stops at the same step boundary
+                last_step = step
+                info(f"{stop.signal_name or 'a signal on another rank'}: checkpointing at step {step} and exiting; "
+                     "run the same command again to continue")
+                break
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < last_step:
+                save_state(run_dir, step, module, optimizer, scheduler, loader, cfg, env)
 
-    # ---- finish --------------------------------------------------------------------------------------------
-    stopped_early = last_step < total_steps
-    if (cfg.checkpoint.every_steps or stopped_early) and last_step > start_step:
-        save_state(run_dir, last_step, module, optimizer, scheduler, loader, cfg, env)
-    stop.uninstall()
+        # ---- finish --------------------------------------------------------------------------------------------
+        stopped_early = last_step < total_steps
+        if (cfg.checkpoint.every_steps or stopped_early) and last_step > start_step:
+            save_state(run_dir, last_step, module, optimizer, scheduler, loader, cfg, env)
+    finally:
+        stop.uninstall()
     if stopped_early:
         info(f"stopped after step {last_step} of {total_steps}; run the same command again to continue")
     else:
