@@ -124,7 +124,8 @@ def build_data(work: Path, model_dir: Path, squad: Path, limit: int) -> dict:
 
 def flops_per_token(context_per_token: float) -> tuple[float, float]:
     """(FLOPs per real token, FLOPs per label token) of one training step; see the module docstring."""
-    d, ff, layers, vocab = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"], MODEL["vocab_size"]
+    d, ff = MODEL["hidden_size"], MODEL["intermediate_size"]
+    layers, vocab = MODEL["num_hidden_layers"], MODEL["vocab_size"]
     shapes = [(d, d)] * 4 + [(d, ff), (d, ff), (ff, d)]  # q k v o, gate up down
     p_body = layers * sum(i * o for i, o in shapes)
     p_lora = layers * sum(LORA_R * (i + o) for i, o in shapes)
@@ -310,11 +311,12 @@ def main() -> None:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    print(f"\n{data['examples']} SQuAD examples ({data['source']}), {args.steps} steps, median of steps 4-{args.steps}; "
+    print(f"\n{data['examples']} SQuAD examples ({data['source']}), {args.steps} steps, median of steps "
+          f"4-{args.steps}; "
           f"bf16 matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s; python {platform.python_version()}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| side | real tokens/s | step s | real tokens/step | peak RSS GB | MFU | loss (last 4 steps) |")
+    print("| side | real tokens/s | step s | real tokens/step | peak RSS GiB | MFU | loss (last 4 steps) |")
     print("|---|---|---|---|---|---|---|")
     for r in results.values():
         print(f"| {r['side']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tokens_per_step']:,.0f} | "

@@ -251,9 +251,10 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
                 info(f"step {step}: non-finite loss or gradient ({step_loss}, norm {float(grad_norm)}); step skipped "
                      f"({bad_steps} in a row, limit train.max_bad_steps={t.max_bad_steps})")
                 if bad_steps >= t.max_bad_steps:
-                    raise TrainingAborted(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
-                                          f"{step}); lower train.optimizer.lr, set train.grad_clip, or check the data. "
-                                          "The newest checkpoint holds the last finite weights.")
+                    raise TrainingAborted(
+                        f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step {step}); lower "
+                        "train.optimizer.lr, set train.grad_clip, or check the data. The newest checkpoint holds the "
+                        "last finite weights.")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if release_every and step % release_every == 0:
