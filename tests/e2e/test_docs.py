@@ -50,6 +50,18 @@ def commands(path: Path) -> dict[str, list[str]]:
     return found
 
 
+def inline_commands(path: Path) -> dict[str, list[str]]:
+    """`tuneforge ...` code spans with arguments in the prose (outside fenced blocks), alternatives `a|b` reduced to
+    their first. The bad-input page's are the bad-input matrix's own tests (tests/e2e/test_bad_input.py)."""
+    prose = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    found = {}
+    for span in re.findall(r"`(tuneforge [^`]+)`", prose):
+        words = [w if w.startswith("-") or "|" not in w else w.split("|")[0] for w in shlex.split(span)]
+        if len(words) > 2:
+            found.setdefault(span, words)
+    return found
+
+
 def argv_of(words: list[str]) -> list[str]:
     """The arguments after `tuneforge`, optional `[--flag value]` groups included, placeholders filled."""
     argv, optional = [], False
@@ -113,6 +125,17 @@ def test_every_command_parses_and_runs_or_says_why_not(doc: Path, workspace, tin
             check_launch(argv, monkeypatch, capsys)
         else:
             assert cli.main(with_speed(argv, tiny_models)) == 0, f"{command}: {capsys.readouterr().err}"
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.name != "bad-input.md"], ids=lambda d: d.name)
+def test_every_inline_command_parses(doc: Path, workspace, tiny_models):
+    """Commands quoted in sentences name runs and files of the reader's own (runs/NAME, FILE): they must parse as
+    written; the one that needs nothing of the reader's also runs."""
+    for span, words in inline_commands(doc).items():
+        argv = argv_of(words)
+        assert_parses(argv)
+        if argv == ["finetune", "--help-config"]:
+            assert cli.main(argv) == 0, span
 
 
 def test_listed_exceptions_are_still_in_the_docs():
