@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="train a model from a recipe",
                         description="Train from a YAML recipe; key.sub=value overrides follow the config, "
                                     "e.g. train.max_steps=100 peft=null. `--help-config` lists every key.")
-    ft.add_argument("-c", "--config", help="recipe YAML file")
-    ft.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    add_recipe_args(ft, required=False)
     ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ft.add_argument("--help-config", action="store_true", help="list every recipe key with its help and default")
     add_launch_args(ft)
@@ -54,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Writes <run dir>/slurm.sbatch (or --out) and prints its path, so "
                                     "`sbatch $(tuneforge slurm -c FILE --nodes 4 --gpus-per-node 8)` submits it. "
                                     "The job requeues itself when preempted and resumes from its newest checkpoint.")
-    sl.add_argument("-c", "--config", required=True, help="recipe YAML file")
-    sl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    add_recipe_args(sl)
     sl.add_argument("--nodes", type=int, required=True, help="number of nodes")
     sl.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (training processes) per node")
     sl.add_argument("--partition", help="Slurm partition")
@@ -95,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the tokenization cache): record counts per source, tokens, truncated and "
                                       "dropped examples with reasons, a length histogram, padding waste or packing "
                                       "efficiency, and one rendered example with its trained-on span marked.")
-    prep.add_argument("-c", "--config", required=True, help="recipe YAML file")
-    prep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    add_recipe_args(prep)
     prep.add_argument("--out", metavar="FILE.jsonl", help="also write the formatted input/output records as jsonl")
     prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -105,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "on fake tensors, loss, runtime), with and without activation checkpointing and "
                                     "sharding, whether it fits this machine, a suggested micro batch and a step "
                                     "time estimate. Reads only the model's config: no weights are loaded.")
-    pl.add_argument("-c", "--config", required=True, help="recipe YAML file")
-    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+    add_recipe_args(pl)
     pl.add_argument("--nproc", type=int, default=1, metavar="N", help="training processes in all (default 1)")
     pl.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: cuda when present)")
     pl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -124,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     add_eval_commands(sub)
     return parser
+
+
+def add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-c", "--config", required=required, help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
