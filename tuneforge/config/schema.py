@@ -22,7 +22,12 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = doc("Hugging Face Hub id or local directory of an AutoModelForCausalLM", "")
+    name_or_path: str = doc("Hugging Face Hub id or local directory of a transformers model", "")
+    kind: Literal["auto", "causal_lm", "seq2seq", "sequence_classification"] = doc(
+        "model family: causal_lm (AutoModelForCausalLM), seq2seq (AutoModelForSeq2SeqLM: T5, BART; the prompt goes "
+        "to the encoder, the answer to the decoder), sequence_classification (AutoModelForSequenceClassification); "
+        "auto = from the checkpoint's config (its architectures, else is_encoder_decoder), causal_lm when unclear",
+        "auto")
     dtype: Literal["auto", "float32", "bfloat16"] = doc(
         "compute dtype: auto = bf16 autocast on capable CPUs and CUDA, else fp32; master weights stay fp32", "auto")
     frozen_dtype: Literal["auto", "float32"] = doc(

@@ -1,4 +1,4 @@
-"""Load any AutoModelForCausalLM and its tokenizer, from a local directory or a Hub id."""
+"""Load any causal LM (or seq2seq / sequence-classification model) and its tokenizer, from a local directory or a Hub id."""
 from __future__ import annotations
 
 import logging
@@ -96,9 +96,44 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+MODEL_KINDS = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
+               "sequence_classification": "AutoModelForSequenceClassification"}
+
+
+def kind_of(config) -> str:
+    """The model kind a checkpoint's config names: its architectures' suffix, else is_encoder_decoder."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence_classification"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return "causal_lm"
+
+
+def resolve_kind(cfg: ModelConfig, config=None) -> str:
+    """model.kind, with auto resolved from the checkpoint's config (read without weights when not given)."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+        except (OSError, ValueError, KeyError) as e:
+            raise _load_error(cfg, "a model config", e) from None
+    return kind_of(config)
+
+
+def auto_class(kind: str):
+    """The transformers Auto class that loads a model of this kind."""
+    import transformers
+
+    return getattr(transformers, MODEL_KINDS[kind])
+
+
 def load_model(cfg: ModelConfig, path: str | None = None):
     """fp32 weights (the optimizer's master copy); compute precision comes from autocast."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     kwargs = _hub_kwargs(cfg)
     if cfg.attn_implementation:
@@ -108,9 +143,10 @@ def load_model(cfg: ModelConfig, path: str | None = None):
 
         kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
+        kind = resolve_kind(cfg, AutoConfig.from_pretrained(path or cfg.name_or_path, **_hub_kwargs(cfg)))
+        model = auto_class(kind).from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _load_error(cfg, "a causal LM", e) from None
+        raise _load_error(cfg, "a model", e) from None
     if cfg.quantization is not None:
         from tuneforge.models.quantize import avoid_unsupported_cpu_kernels
 
@@ -122,12 +158,12 @@ def load_model(cfg: ModelConfig, path: str | None = None):
 def load_model_skeleton(cfg: ModelConfig):
     """The model's structure on the meta device (no memory, no weights): ranks other than 0 build this and
     receive their shards of rank 0's weights after sharding, so no rank but 0 ever holds the full model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+        model = auto_class(resolve_kind(cfg, config)).from_config(config, dtype=torch.float32,
                                                  trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
     return model
