@@ -58,8 +58,8 @@ def tiny_recipe(tmp_path_factory) -> Path:
 def build_tiny_model(arch: str, out: Path) -> Path:
     """Save a randomly initialised tiny model of an architecture family (with the stories260K tokenizer, vocab 512)."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, MistralConfig,
-                              Qwen2Config)
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GPT2Config, LlamaConfig,
+                              MistralConfig, Qwen2Config, T5Config)
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512)
@@ -69,9 +69,15 @@ def build_tiny_model(arch: str, out: Path) -> Path:
         "mistral": lambda: MistralConfig(**common, sliding_window=None),
         "gpt2": lambda: GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                    bos_token_id=1, eos_token_id=2),
+        # encoder-decoder; the stories260K tokenizer's unk (0) is tuneforge's pad and the decoder start token. No
+        # dropout (T5's default is 0.1), like the decoder-only configs, so invariance tests compare exact numerics.
+        "t5": lambda: T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                               num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                               dropout_rate=0.0),
     }
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(configs[arch]())
+    config = configs[arch]()
+    model = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_config(config)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
     return out

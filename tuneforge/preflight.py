@@ -28,6 +28,8 @@ def check_model_config(cfg: Config):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from tuneforge.models.load import resolve_kind
+
     m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code, **({"revision": m.revision} if m.revision else {})}
     try:
@@ -39,6 +41,12 @@ def check_model_config(cfg: Config):
                             "or give a local path") from None
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first})") from None
+    if resolve_kind(m, config) == "seq2seq":
+        from tuneforge.models.seq2seq import check_seq2seq_model, check_seq2seq_recipe
+
+        check_seq2seq_model(m.name_or_path, config)
+        check_seq2seq_recipe(cfg)
+        return config
     remote = bool(getattr(config, "auto_map", {}) or {}) and m.trust_remote_code
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         raise UserError(f"model.name_or_path: '{m.name_or_path}' is a {config.model_type!r} model without a causal-LM "

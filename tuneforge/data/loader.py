@@ -234,8 +234,8 @@ def check_packing_backend(attn_implementation: str | None, device: str) -> None:
 
 def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a batch, for throughput."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+    if "attention_mask" in batch:  # seq2seq batches: encoder plus decoder tokens
+        return sum(int(batch[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in batch)
     return int(batch["num_tokens"])
 
 
@@ -248,7 +248,8 @@ def build_collator(batching: str, pad_id: int, seq_length: int | None = None):
 def build_train_loader(examples, micro_batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1,
                        batching: str = "pad_longest", seq_length: int | None = None,
                        sizes: Sequence[int] | None = None, weights: Sequence[float] | None = None,
-                       shuffle: bool = True, num_workers: int = 0) -> StatefulDataLoader:
+                       shuffle: bool = True, num_workers: int = 0, collate_fn=None) -> StatefulDataLoader:
+    """`collate_fn` replaces the collator `batching` picks (seq2seq models bring their own)."""
     lengths = getattr(examples, "lengths", None)
     if lengths is None and batching in ("group_by_length", "packing"):
         lengths = np.array([len(ex.input_ids) for ex in examples])
@@ -256,11 +257,13 @@ def build_train_loader(examples, micro_batch_size: int, pad_id: int, seed: int, 
                                 batching=batching, lengths=lengths, seq_length=seq_length, sizes=sizes,
                                 weights=weights)
     return StatefulDataLoader(ExampleSet(examples), batch_sampler=sampler,
-                              collate_fn=build_collator(batching, pad_id, seq_length), num_workers=num_workers)
+                              collate_fn=collate_fn or build_collator(batching, pad_id, seq_length),
+                              num_workers=num_workers)
 
 
 def build_eval_batches(examples, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1,
-                       batching: str = "pad_longest", seq_length: int | None = None) -> list[dict[str, torch.Tensor]]:
+                       batching: str = "pad_longest", seq_length: int | None = None,
+                       collate_fn=None) -> list[dict[str, torch.Tensor]]:
     """Validation batches in file order (this rank's share); built once, reused at every validation. Packing packs
     in file order too, so the validation set and its loss are the same as unpacked. Every rank gets the same
     number of batches (FSDP gathers weights in each forward, so all ranks must run as many): ranks with fewer
@@ -274,7 +277,7 @@ def build_eval_batches(examples, batch_size: int, pad_id: int, rank: int = 0, wo
                     for k in range(0, len(rows), batch_size)]
         return [[examples[i] for i in idx[k:k + batch_size]] for k in range(0, len(idx), batch_size)]
 
-    collate = build_collator(batching, pad_id, seq_length)
+    collate = collate_fn or build_collator(batching, pad_id, seq_length)
     batches = [collate(group) for group in plan(rank)]
     most = max(len(plan(r)) for r in range(world_size)) if world_size > 1 else len(batches)
     while len(batches) < most:

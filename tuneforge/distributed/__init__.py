@@ -98,7 +98,10 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from tuneforge.models.loss import causal_lm_loss
+        from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
 
+        if is_seq2seq_batch(batch):
+            return seq2seq_loss(self.model, batch)
         return causal_lm_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens)
 
 

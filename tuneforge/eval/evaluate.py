@@ -13,6 +13,7 @@ import torch
 
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
+from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, render_prompt
 from tuneforge.errors import UserError
@@ -132,7 +133,8 @@ def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSo
     results: dict[str, float] = {}
     for i, (name, source) in enumerate(sources):
         data = prepare_source(cfg.data, source, tokenizer)
-        batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id)
+        batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id,
+                                     collate_fn=build_seq2seq_collator(model, tokenizer))
         scores = loss_on(model, batches, precision)
         if i == 0:
             results.update(scores)

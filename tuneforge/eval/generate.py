@@ -10,6 +10,7 @@ from tuneforge.config import Config, load_config
 from tuneforge.distributed import detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import load_model, load_tokenizer, resolve_precision
+from tuneforge.models.seq2seq import is_encoder_decoder
 from tuneforge.peft import load_adapters, saved_adapters, transformers_model
 from tuneforge.peft.fit import check_adapters_fit
 
@@ -62,7 +63,7 @@ class Sampling:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None) -> list[str]:
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
-    the new text of each prompt. Left padding keeps every prompt's last token at the same column, so one decode
+    the new text of each prompt (for an encoder-decoder, what its decoder wrote). Left padding keeps every prompt's last token at the same column, so one decode
     step serves the whole batch."""
     precision = precision or resolve_precision("float32", detect_env().device)
     decoding = (sampling or Sampling()).generate_kwargs()
@@ -70,14 +71,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
         decoding.update(stop_strings=["\n"], tokenizer=tokenizer)
     if sampling is not None and sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # harmless for an encoder-decoder: its attention mask hides the padding
+    encoder_decoder = is_encoder_decoder(model)
     outputs = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
         with precision.context():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **decoding,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:]:
+        # a causal LM returns prompt + new tokens; an encoder-decoder only its decoder's (after the start token)
+        for row in out[:, 1 if encoder_decoder else enc["input_ids"].shape[1]:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
             outputs.append(text.split("\n")[0].strip() if stop_at_newline else text)
     return outputs

@@ -17,6 +17,10 @@ _UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "fi
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    from tuneforge.models.seq2seq import is_seq2seq_batch
+
+    if is_seq2seq_batch(batch):  # decoder labels line up with the decoder inputs: every one is a target
+        return int((batch["labels"] != IGNORE).sum())
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 

@@ -12,7 +12,9 @@ def build_peft_config(cfg: PeftConfig, model):
     """The peft config for a method peft implements; `model` supplies the depth and the tokenizer path."""
     import peft
 
-    common = {"task_type": "CAUSAL_LM"}
+    from tuneforge.models.seq2seq import peft_task_type
+
+    common = {"task_type": peft_task_type(model)}
     if cfg.method == "lora":
         return peft.LoraConfig(**common, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                bias=cfg.lora_bias, target_modules=cfg.target_modules, use_dora=cfg.use_dora,

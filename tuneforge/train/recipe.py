@@ -22,6 +22,7 @@ from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
+from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, decoder_layers, init_distributed,
                                    inner_model, launched_world_size, needs_skeleton, resolve_strategy,
                                    set_gradient_sync, shutdown, wrap_model)
@@ -181,14 +182,16 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
+    collate = build_seq2seq_collator(model, tokenizer, cfg.data.batching, cfg.data.seq_length)  # None: causal LM
     loader = build_train_loader(train.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
                                 env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
                                 sizes=train.bounds_sizes, weights=train.weights, shuffle=cfg.data.shuffle,
-                                num_workers=cfg.data.num_workers)
+                                num_workers=cfg.data.num_workers, collate_fn=collate)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
     val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
-                                            env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length)
+                                            env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
+                                            collate_fn=collate)
                    for name, val in vals.items()}
     optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
     scheduler = build_scheduler(optimizer, t.lr_scheduler, total_steps)
