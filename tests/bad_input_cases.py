@@ -55,6 +55,9 @@ NARROW = lora_files("narrow", "q_proj", {f"{Q_PROJ_A}.weight": (4, 32), Q_PROJ_A
 GPT2 = lora_files("gpt2", "c_attn", {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)},
                   "openai-community/gpt2")
 OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
+T5 = {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32,
+                                   "vocab_size": 64})}  # an encoder-decoder: model.kind auto resolves to seq2seq
+T5_FT = [*FT, "model.name_or_path={tmp}/t5"]
 
 
 CASES = [
@@ -109,10 +112,20 @@ CASES = [
          "model.name_or_path: no such model directory './no/such/model'"),
     Case("model", "directory without config.json", [*FT, "model.name_or_path={tmp}/empty_model"],
          "has no usable config.json", {"empty_model/README": "nothing"}),
-    Case("model", "model without a causal-LM head", [*FT, "model.name_or_path={tmp}/t5"],
-         "is a 't5' model without a causal-LM head",
-         {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2,
-                                        "d_ff": 32, "vocab_size": 64})}),
+    Case("model", "model without a causal-LM head", [*FT, "model.name_or_path={tmp}/t5", "model.kind=causal_lm"],
+         "is a 't5' model without a causal-LM head", T5),
+    Case("model", "seq2seq kind for a decoder-only model", [*FT, "model.kind=seq2seq"],
+         "is a 'llama' model that AutoModelForSeq2SeqLM cannot load"),
+    Case("model", "packing with a seq2seq model", [*T5_FT, "data.batching=packing"],
+         "data.batching: packing applies to causal LMs", T5),
+    Case("model", "loss on the prompt of a seq2seq model", [*T5_FT, "data.train_on_inputs=true"],
+         "data.train_on_inputs: a seq2seq model reads the prompt in its encoder", T5),
+    Case("model", "peft method without seq2seq support", [*T5_FT, "peft={method: llama_adapter}"],
+         "peft.method: llama_adapter does not apply to seq2seq models", T5),
+    Case("model", "plain text for a seq2seq model", [*T5_FT, "data.train.path={tmp}/t.jsonl", "data.train.format=text"],
+         "t.jsonl: format text has no prompt for a seq2seq model's encoder", {**T5, "t.jsonl": '{"text": "a b"}\n'}),
+    Case("model", "plan for a seq2seq model", ["plan", "-c", "{tmp}/recipe.yaml", "model.name_or_path={tmp}/t5"],
+         "tuneforge plan covers causal LMs", T5),
     Case("model", "output directory under a file", [*FT, "run.output_dir={tmp}/afile/runs"],
          "run.output_dir: cannot write to", {"afile": "x"}),
     # ---- data ----

@@ -19,8 +19,8 @@ Memory, per process:
 Step time: model FLOPs of one optimizer step (2 per weight per token forward; 2 backward for the input gradients
 and 2 more where weights train; the LM head on labelled positions) divided by the matmul throughput measured on
 this machine's device in the recipe's precision, times the efficiency the training loop reaches on it
-(benchmarks/RESULTS.md). A model that is not a plain decoder stack is planned all the same: the trace does not
-depend on the architecture."""
+(benchmarks/RESULTS.md). A causal LM that is not a plain decoder stack is planned all the same: the trace does not
+depend on the architecture. Encoder-decoder (seq2seq) models are not planned."""
 from __future__ import annotations
 
 import copy
@@ -80,7 +80,11 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     from tuneforge.models.load import resolve_precision
 
     import tuneforge.train.recipe  # noqa: F401 - what a training process imports is part of its baseline
+    from tuneforge.models.load import resolve_kind
 
+    if resolve_kind(cfg.model) == "seq2seq":  # the trace feeds decoder-only inputs
+        raise UserError(f"tuneforge plan covers causal LMs; '{cfg.model.name_or_path}' is a seq2seq model, whose "
+                        "memory it does not estimate")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     strategy = resolve_strategy(cfg.distributed, world_size)
     precision = resolve_precision(cfg.model.dtype, device)

@@ -24,7 +24,8 @@ def check_output_dir(cfg: Config) -> None:
 
 
 def check_model_config(cfg: Config):
-    """The model's config loads and names an architecture AutoModelForCausalLM can build; returns the config."""
+    """The model's config loads and names an architecture AutoModelForCausalLM (or for model.kind seq2seq,
+    AutoModelForSeq2SeqLM) can build, and the recipe fits that kind; returns the config."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 

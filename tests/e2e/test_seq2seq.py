@@ -60,11 +60,15 @@ def _dev_batch(tokenizer):
 def test_full_and_lora_runs_learn_and_save_hf_outputs(runs):
     from transformers import AutoModelForSeq2SeqLM
 
+    from tuneforge.distributed import decoder_layers
+
     for name in ("full", "lora"):
         losses = train_losses(runs[name])
         assert len(losses) == 20 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, (name, losses)
-    assert AutoModelForSeq2SeqLM.from_pretrained(runs["full"] / "final").config.architectures == \
-        ["T5ForConditionalGeneration"]
+    full = AutoModelForSeq2SeqLM.from_pretrained(runs["full"] / "final")
+    assert full.config.architectures == ["T5ForConditionalGeneration"]
+    # FSDP2 shards (and compile compiles) the encoder's and the decoder's blocks one by one
+    assert decoder_layers(full) == [*full.encoder.block, *full.decoder.block]
     adapter = json.loads((runs["lora"] / "final/adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_2_SEQ_LM"
     assert set(adapter["target_modules"]) == {"q", "k", "v", "o", "wi", "wo"}  # all-linear: no lm_head

@@ -58,7 +58,6 @@ def check_seq2seq_model(name_or_path: str, config) -> None:
 def check_seq2seq_recipe(cfg: Config) -> None:
     """What a causal-LM recipe may ask for that has no meaning, or no implementation, for an encoder-decoder."""
     from tuneforge.data.prepare import as_sources
-    from tuneforge.distributed import launched_world_size, resolve_strategy
     from tuneforge.peft.validate import peft_parts
 
     if cfg.data.batching == "packing":
@@ -75,5 +74,3 @@ def check_seq2seq_recipe(cfg: Config) -> None:
         if part.method not in SEQ2SEQ_PEFT:
             raise UserError(f"peft.method: {part.method} does not apply to seq2seq models; use one of "
                             f"{', '.join(SEQ2SEQ_PEFT)}")
-    if resolve_strategy(cfg.distributed, launched_world_size()) == "fsdp2":
-        raise UserError("distributed.strategy: fsdp2 is not supported for seq2seq models yet; use ddp")
