@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="merge a run's adapter into the base weights (full HF model dir)",
                         description="Fold a run's LoRA / DoRA / rsLoRA or IA3 adapter into a full-precision copy "
                                     "of the base model (QLoRA runs too) and save it with the tokenizer, loadable "
-                                    "with AutoModelForCausalLM.from_pretrained. Prompt methods and bottleneck "
+                                    "with AutoModelForCausalLM (a seq2seq run: AutoModelForSeq2SeqLM)"
+                                    ".from_pretrained. Prompt methods and bottleneck "
                                     "adapters cannot be merged.")
     mg.add_argument("--run", required=True, help="run directory (runs/<name>)")
     mg.add_argument("--out", required=True, help="output directory for the merged model")

@@ -47,12 +47,16 @@ def _scores_table(run_dir: Path) -> list[str]:
 
 
 def build_model_card(run_dir: str | Path) -> str:
+    from tuneforge.models.seq2seq import is_seq2seq_output  # imports torch: not at the CLI's start
+
     run_dir = Path(run_dir)
     config = _card_config(run_dir)
     base = str(config.get("model", {}).get("name_or_path", ""))
     peft = config.get("peft")
     is_local = base.startswith(("/", ".", "~")) or Path(base).exists()
-    meta = {"library_name": "peft" if peft else "transformers", "pipeline_tag": "text-generation",
+    seq2seq = is_seq2seq_output(run_dir / "final")
+    meta = {"library_name": "peft" if peft else "transformers",
+            "pipeline_tag": "text2text-generation" if seq2seq else "text-generation",
             "tags": ["tuneforge"] + (["lora"] if peft else [])}
     if base and not is_local:
         meta["base_model"] = base  # only a Hub id links the card to its base model page
@@ -61,8 +65,8 @@ def build_model_card(run_dir: str | Path) -> str:
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
              f"Fine-tuned from `{base}` with tuneforge: {method}.", ""]
     if peft:
-        lines += ["```python", "from peft import AutoPeftModelForCausalLM",
-                  "model = AutoPeftModelForCausalLM.from_pretrained(\"<this repo>\")", "```", ""]
+        auto = "AutoPeftModelForSeq2SeqLM" if seq2seq else "AutoPeftModelForCausalLM"
+        lines += ["```python", f"from peft import {auto}", f"model = {auto}.from_pretrained(\"<this repo>\")", "```", ""]
     lines += ["## Data", "", *(_data_lines(config) or ["- (not recorded)"]), "", "## Scores", "",
               *_scores_table(run_dir), "", "## Recipe", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]

@@ -61,6 +61,7 @@ def test_full_and_lora_runs_learn_and_save_hf_outputs(runs):
     from transformers import AutoModelForSeq2SeqLM
 
     from tuneforge.distributed import decoder_layers
+    from tuneforge.hub import build_model_card
 
     for name in ("full", "lora"):
         losses = train_losses(runs[name])
@@ -72,6 +73,8 @@ def test_full_and_lora_runs_learn_and_save_hf_outputs(runs):
     adapter = json.loads((runs["lora"] / "final/adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_2_SEQ_LM"
     assert set(adapter["target_modules"]) == {"q", "k", "v", "o", "wi", "wo"}  # all-linear: no lm_head
+    card = build_model_card(runs["lora"])
+    assert "pipeline_tag: text2text-generation" in card and "AutoPeftModelForSeq2SeqLM.from_pretrained" in card
     squad_rows = [r for r in read_metrics(runs["lora"]) if "squad_f1" in r]
     assert [r["step"] for r in squad_rows] == [20] and all(0 <= r["squad_f1"] <= 100 for r in squad_rows)
 

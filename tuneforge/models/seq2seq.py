@@ -6,6 +6,9 @@ knowledge. Targets are the answer tokens only (a few per example), so the (batch
 and train.loss_chunk_tokens / train.head_on_labels_only do not apply."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +47,18 @@ def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def peft_task_type(model) -> str:
     return "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
+
+
+def is_seq2seq_output(final: Path) -> bool:
+    """Whether a run's final/ holds an encoder-decoder: a full model's config, or a peft adapter's task type."""
+    for name, key, value in (("config.json", "is_encoder_decoder", True),
+                             ("adapter_config.json", "task_type", "SEQ_2_SEQ_LM")):
+        try:
+            if json.loads((final / name).read_text()).get(key) == value:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def check_seq2seq_model(name_or_path: str, config) -> None:

@@ -16,7 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write base + merged adapter (+ tokenizer) to `out`; AutoModelForCausalLM.from_pretrained loads it."""
+    """Write base + merged adapter (+ tokenizer) to `out`; AutoModelForCausalLM.from_pretrained loads it
+    (AutoModelForSeq2SeqLM for an encoder-decoder)."""
     from tuneforge.eval.generate import load_run
     from tuneforge.models import load_model, load_tokenizer
     from tuneforge.peft import check_mergeable, load_adapters
