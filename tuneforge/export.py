@@ -46,10 +46,14 @@ def vllm_command(out: Path, name: str, adapter: Path | None = None, base: str | 
 def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False) -> str:
     """Write the run's model to `out` for vLLM and return the `vllm serve` command that serves it."""
     from tuneforge.eval.generate import load_run
+    from tuneforge.models.seq2seq import is_seq2seq_output
 
     run_dir, out = Path(run_dir), Path(out)
     cfg, final = load_run(run_dir)
     name = cfg.run.name
+    if is_seq2seq_output(final):
+        raise UserError(f"export --format vllm: {final} holds an encoder-decoder (seq2seq) model, which vLLM does not "
+                        "serve; `tuneforge merge` writes a full model that transformers loads")
     if keep_adapter and not is_adapter(final):
         raise UserError(f"--keep-adapter: {final} holds a full fine-tune, not an adapter; export it without "
                         "--keep-adapter")
