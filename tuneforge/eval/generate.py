@@ -63,8 +63,8 @@ class Sampling:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None) -> list[str]:
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
-    the new text of each prompt (for an encoder-decoder, what its decoder wrote). Left padding keeps every prompt's last token at the same column, so one decode
-    step serves the whole batch."""
+    the new text of each prompt (for an encoder-decoder, what its decoder wrote). Left padding keeps every prompt's
+    last token at the same column, so one decode step serves the whole batch."""
     precision = precision or resolve_precision("float32", detect_env().device)
     decoding = (sampling or Sampling()).generate_kwargs()
     if stop_at_newline:  # end each row at its first newline instead of spending max_new_tokens on it
