@@ -122,6 +122,8 @@ CASES = [
          "data.train_on_inputs: a seq2seq model reads the prompt in its encoder", T5),
     Case("model", "peft method without seq2seq support", [*T5_FT, "peft={method: llama_adapter}"],
          "peft.method: llama_adapter does not apply to seq2seq models", T5),
+    Case("model", "top layers of a seq2seq model", [*T5_FT, "peft=null", "train.trainable.top_layers=1"],
+         "train.trainable.top_layers: counts the layers of a decoder-only stack", T5),
     Case("model", "plain text for a seq2seq model", [*T5_FT, "data.train.path={tmp}/t.jsonl", "data.train.format=text"],
          "t.jsonl: format text has no prompt for a seq2seq model's encoder", {**T5, "t.jsonl": '{"text": "a b"}\n'}),
     Case("model", "vLLM export of a seq2seq run", ["export", "--run", "{tmp}/s2s", "--out", "{tmp}/e"],

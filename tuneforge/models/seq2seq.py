@@ -85,6 +85,9 @@ def check_seq2seq_recipe(cfg: Config) -> None:
         if source.format == "text":
             raise UserError(f"{source.path}: format text has no prompt for a seq2seq model's encoder; use a format "
                             "with inputs and outputs (input_output, alpaca, squad, chat)")
+    if cfg.peft is None and cfg.train.trainable is not None and cfg.train.trainable.top_layers:
+        raise UserError("train.trainable.top_layers: counts the layers of a decoder-only stack; for a seq2seq model "
+                        r"name what trains with train.trainable.patterns (e.g. ['^decoder\.block\.[45]\.'])")
     for part in peft_parts(cfg.peft):
         if part.method not in SEQ2SEQ_PEFT:
             raise UserError(f"peft.method: {part.method} does not apply to seq2seq models; use one of "
