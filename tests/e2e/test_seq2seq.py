@@ -129,6 +129,9 @@ def test_adapter_reloads_in_plain_peft_and_merges(runs, tmp_path):
 
     ours, _, _ = load_run_model(runs["lora"])
     batch = _dev_batch(tokenizer)
+    with torch.no_grad():  # per-token mean = transformers' own loss over the same labels
+        mean = float(seq2seq_loss(ours, batch)) / count_label_tokens(batch)
+        assert mean == pytest.approx(float(ours(**batch).loss), rel=1e-6)
     assert torch.equal(_logits(ours, batch), _logits(plain, batch))
     merged = AutoModelForSeq2SeqLM.from_pretrained(merge_run(runs["lora"], tmp_path / "merged"))
     assert torch.allclose(_logits(merged, batch), _logits(plain, batch), atol=1e-5)
