@@ -13,6 +13,13 @@ def build_peft_config(cfg: PeftConfig, model):
     import peft
 
     common = {"task_type": "CAUSAL_LM"}
+    from tuneforge.models.classify import head_target_modules, is_classifier
+
+    if is_classifier(model):  # peft then trains and saves the head in full (modules_to_save: score / classifier)
+        import dataclasses
+
+        common = {"task_type": "SEQ_CLS"}
+        cfg = dataclasses.replace(cfg, target_modules=head_target_modules(cfg, model))
     if cfg.method == "lora":
         return peft.LoraConfig(**common, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                bias=cfg.lora_bias, target_modules=cfg.target_modules, use_dora=cfg.use_dora,
