@@ -57,6 +57,12 @@ GPT2 = lora_files("gpt2", "c_attn", {"base_model.model.transformer.h.0.attn.c_at
 OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
 
 
+CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}', '{"text": "a red apple", "label": "food"}']),
+             "val.jsonl": bad_jsonl(['{"text": "a cat", "label": "animal"}', '{"text": "a tree", "label": "plant"}'])}
+CLS_DATA = ["data.train.path={tmp}/cls.jsonl", "data.train.format=classification"]
+CLS = ["model.kind=sequence_classification", *CLS_DATA]
+
+
 CASES = [
     # ---- recipe files ----
     Case("config", "recipe file missing", ["finetune", "-c", "{tmp}/nope.yaml"], "nope.yaml: no such recipe file"),
@@ -158,6 +164,18 @@ CASES = [
     Case("adapter", "generate with an adapter for other module names",
          ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
          "Target modules {'c_attn'} not found in the base model", GPT2),
+    # ---- sequence classification and init_from ----
+    Case("classification", "classification data for a causal LM", [*FT, *CLS_DATA],
+         "data format classification needs model.kind: sequence_classification", CLS_FILES),
+    Case("classification", "packing one label per sequence", [*FT, *CLS, "data.batching=packing"],
+         "data.batching: packing does not apply to sequence_classification", CLS_FILES),
+    Case("classification", "validation label the training data lacks",
+         [*FT, *CLS, "data.validation={path: {tmp}/val.jsonl, format: classification}"],
+         "val.jsonl:2: label 'plant' is not one of the training labels (animal, food)", CLS_FILES),
+    Case("classification", "head layers on a causal LM", [*FT, "model.head={hidden_layers: [64]}"],
+         "model.head: applies to model.kind: sequence_classification only"),
+    Case("config", "init_from a missing directory", [*FT, "model.init_from={tmp}/nope"],
+         "model.init_from: expected a run, checkpoint or final/ directory"),
 ]
 
 

@@ -181,8 +181,11 @@ def _load_adapter(model, cfg, source: Path) -> str:
         raise UserError(f"model.init_from: {source} holds a {saved.get('peft_type')} adapter, this recipe trains "
                         f"{ours}; use the earlier run's peft section")
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    _compare_shapes(source / PEFT_WEIGHTS, expected, cfg.model.name_or_path, " (the peft section must match the "
-                    "earlier run's)")
+    try:
+        _compare_shapes(source / PEFT_WEIGHTS, expected, cfg.model.name_or_path, " (the peft section must match the "
+                        "earlier run's)")
+    except UserError as e:
+        raise UserError(f"model.init_from: {e}") from None
     state = load_file(source / PEFT_WEIGHTS)
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
