@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, STORIES, read_metrics
+from tests.conftest import REPO, STORIES, read_metrics, tiny_overrides
 from tests.tiny_recipes import one_torch_thread, skip_report_plots  # noqa: F401 (autouse)
 from tuneforge.api import evaluate, finetune
 from tuneforge.errors import UserError
@@ -129,3 +129,15 @@ def test_loss_is_per_example_over_the_whole_step(tiny_classifier, tmp_path):
     (one,), (two,) = ([r for r in read_metrics(run) if "loss" in r] for run in runs)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+def test_classifier_starts_from_a_full_causal_lm_run(tmp_path):
+    """init_from a full run's final/: its backbone goes under a new head; the causal LM's own head has no place."""
+    lm = finetune(RECIPE, tiny_overrides(tmp_path, "lm", "peft=null", "train.max_steps=1", "data.train.limit=8",
+                                         "data.seq_length=128"))
+    run = finetune(RECIPE, overrides(tmp_path, "cls", STORIES, "model.kind=sequence_classification",
+                                     f"model.init_from={lm}", "train.trainable={head: true}", "train.max_steps=1"))
+    source, final = load_file(lm / "final/model.safetensors"), load_file(run / "final/model.safetensors")
+    backbone = [k for k in source if k.startswith("model.")]
+    assert backbone and all(torch.equal(source[k], final[k]) for k in backbone)
+    assert not torch.equal(load_file(STORIES / "model.safetensors")["model.norm.weight"], final["model.norm.weight"])
