@@ -57,7 +57,8 @@ GPT2 = lora_files("gpt2", "c_attn", {"base_model.model.transformer.h.0.attn.c_at
 OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
 
 
-CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}', '{"text": "a red apple", "label": "food"}']),
+CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}',
+                                     '{"text": "a red apple", "label": "food"}']),
              "val.jsonl": bad_jsonl(['{"text": "a cat", "label": "animal"}', '{"text": "a tree", "label": "plant"}'])}
 CLS_DATA = ["data.train.path={tmp}/cls.jsonl", "data.train.format=classification"]
 CLS = ["model.kind=sequence_classification", *CLS_DATA]

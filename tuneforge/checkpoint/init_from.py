@@ -54,8 +54,9 @@ def resolve_init_source(path: str) -> tuple[str, Path]:
     adapters = saved_adapters(p)
     if adapters:
         if len(adapters) > 1 or adapters[0][0] == "adapter":
-            raise UserError(f"model.init_from: {p} holds {'an adapter list' if len(adapters) > 1 else 'bottleneck adapters'}"
-                            "; init_from loads one peft adapter (lora, ia3, a prompt method) or full weights")
+            held = "an adapter list" if len(adapters) > 1 else "bottleneck adapters"
+            raise UserError(f"model.init_from: {p} holds {held}; init_from loads one peft adapter (lora, ia3, a "
+                            "prompt method) or full weights")
         return "adapter", p
     if not _weight_files(p):
         raise UserError(f"model.init_from: {p} is not a run directory, a checkpoint or a final/ model "

@@ -12,7 +12,6 @@ loss normalisation are the language-model ones unchanged, with one labelled posi
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -117,9 +116,12 @@ def encode_rows(rows: list[tuple[str, str, Any]], names: list[str], tokenizer, s
                 if truncation == "drop":
                     stats.dropped["longer than seq_length"] += 1
                     continue
-                keep_bos = truncation == "left" and bos is not None and ids[0] == bos
-                ids = ([bos] + ids[len(ids) - seq_length + 1:] if keep_bos else ids[len(ids) - seq_length:]) \
-                    if truncation == "left" else ids[:seq_length]
+                if truncation != "left":
+                    ids = ids[:seq_length]
+                elif bos is not None and ids[0] == bos:  # the model was trained to read bos first
+                    ids = [bos] + ids[len(ids) - seq_length + 1:]
+                else:
+                    ids = ids[len(ids) - seq_length:]
                 stats.truncated += 1
             if len(ids) < 2:  # the label sits on a position the loss counts from the second token on
                 stats.dropped["shorter than 2 tokens"] += 1
@@ -173,8 +175,3 @@ def prepare_classification_data(data: DataConfig, tokenizer, seed: int,
 def uses_classification(data: DataConfig) -> bool:
     return any(s.format == "classification" for s in as_sources(data.train) + as_sources(data.validation))
 
-
-def count_labels(prepared: PreparedData, names: list[str]) -> str:
-    """'neg 20, pos 22' for logs."""
-    counts = Counter(int(c) for c in prepared.examples.classes)
-    return ", ".join(f"{name} {counts.get(i, 0)}" for i, name in enumerate(names))

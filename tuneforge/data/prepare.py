@@ -319,6 +319,9 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, progress: bool = True,
     from tuneforge.data.classify import prepare_classification_data, uses_classification
 
     if uses_classification(data):  # one label per text, not a completion: see data/classify.py
+        if keep_records:
+            raise UserError("prepare-data --out: writes prompt/completion records; classification rows are "
+                            "already text and label (run without --out)")
         return prepare_classification_data(data, tokenizer, seed)
     train = prepare_set(data, as_sources(data.train), tokenizer, keep_records, progress)
     vals: dict[str, PreparedData] = {}

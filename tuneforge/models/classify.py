@@ -80,11 +80,11 @@ def build_classifier_config(model_cfg, names: list[str], tokenizer):
     none by default) and the MLP head's shape, so they are saved in config.json and the model reloads as trained."""
     from transformers import AutoConfig
 
-    from tuneforge.models.load import _hub_kwargs
+    from tuneforge.models.load import _hub_kwargs, kind_of
 
     config = AutoConfig.from_pretrained(model_cfg.name_or_path, **_hub_kwargs(model_cfg))
     old = getattr(config, "id2label", None) or {}
-    if kind_of_config(config) == KIND and len(old) != len(names):
+    if kind_of(config) == KIND and len(old) != len(names):
         raise UserError(f"model.name_or_path: '{model_cfg.name_or_path}' classifies into {len(old)} labels, the "
                         f"data has {len(names)} ({', '.join(names)}); start from its base model instead")
     config.id2label = {i: name for i, name in enumerate(names)}
@@ -96,12 +96,6 @@ def build_classifier_config(model_cfg, names: list[str], tokenizer):
         config.tuneforge_head = {"hidden_layers": list(model_cfg.head.hidden_layers),
                                  "dropout": float(model_cfg.head.dropout), "activation": model_cfg.head.activation}
     return config
-
-
-def kind_of_config(config) -> str:
-    from tuneforge.models.load import kind_of
-
-    return kind_of(config)
 
 
 def classifier_class(config):
@@ -154,10 +148,12 @@ def saved_model_config(final: Path):
     be loaded with it (labels, pad id, head) before the adapter fits. None for anything else."""
     from transformers import AutoConfig
 
+    from tuneforge.models.load import kind_of
+
     if not (final / "config.json").is_file():
         return None
     config = AutoConfig.from_pretrained(str(final))
-    return config if kind_of_config(config) == KIND else None
+    return config if kind_of(config) == KIND else None
 
 
 def classification_loss(model, batch: dict[str, torch.Tensor], with_logits: bool = False):
