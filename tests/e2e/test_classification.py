@@ -141,3 +141,31 @@ def test_classifier_starts_from_a_full_causal_lm_run(tmp_path):
     backbone = [k for k in source if k.startswith("model.")]
     assert backbone and all(torch.equal(source[k], final[k]) for k in backbone)
     assert not torch.equal(load_file(STORIES / "model.safetensors")["model.norm.weight"], final["model.norm.weight"])
+
+
+def test_label_ids_truncation_and_macro_f1(tok):
+    from tuneforge.config.schema import DataConfig
+    from tuneforge.data.classify import encode_rows, label_names
+    from tuneforge.eval.classify import scores_from_confusion
+
+    data = DataConfig()
+    assert label_names(data, [("f:1", "a", 2), ("f:2", "b", 0)]) == ["0", "1", "2"]  # ids index 0..max
+    assert label_names(data, [("f:1", "a", "food"), ("f:2", "b", "animal")]) == ["animal", "food"]
+    with pytest.raises(UserError, match="f:2: labels mix names and integer ids"):
+        label_names(data, [("f:1", "a", "food"), ("f:2", "b", 1)])
+    with pytest.raises(UserError, match="f:1: label id 3 is outside 0..2"):
+        encode_rows([("f:1", "a dog", 3)], ["a", "b", "c"], tok, 32, "auto")
+
+    text = "Lily saw the big brown dog in the park"
+    ids = tok(text)["input_ids"]
+    for truncation, kept in (("auto", ids[:5]), ("left", ids[:1] + ids[-4:])):
+        table, stats = encode_rows([("f:1", text, "b")], ["a", "b"], tok, 5, truncation)
+        assert table[0].input_ids == kept and table[0].labels == [-100] * 4 + [1] and stats.truncated == 1
+    with pytest.raises(UserError, match="no example left"):
+        encode_rows([("f:1", text, "b")], ["a", "b"], tok, 5, "drop")
+
+    # true label by row, prediction by column: F1 of label 0 = 2*2/(3+2), of 1 = 2*1/(1+3), of 2 (never predicted) = 0;
+    # scikit-learn's f1_score(average="macro", zero_division=0) gives the same 0.4333
+    scores = scores_from_confusion(torch.tensor([[2, 1, 0], [0, 1, 0], [0, 1, 0]]))
+    assert scores["accuracy"] == pytest.approx(3 / 5)
+    assert scores["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)

@@ -83,10 +83,14 @@ def build_classifier_config(model_cfg, names: list[str], tokenizer):
     from tuneforge.models.load import _hub_kwargs, kind_of
 
     config = AutoConfig.from_pretrained(model_cfg.name_or_path, **_hub_kwargs(model_cfg))
-    old = getattr(config, "id2label", None) or {}
+    old = [name for _, name in sorted((getattr(config, "id2label", None) or {}).items())]
     if kind_of(config) == KIND and len(old) != len(names):
         raise UserError(f"model.name_or_path: '{model_cfg.name_or_path}' classifies into {len(old)} labels, the "
                         f"data has {len(names)} ({', '.join(names)}); start from its base model instead")
+    if kind_of(config) == KIND and set(old) == set(names) and old != names:
+        # the head's rows are in the checkpoint's order: renumbering the labels would swap its predictions
+        raise UserError(f"data.labels: '{model_cfg.name_or_path}' numbers its labels {old}; set data.labels to "
+                        "that order to keep its head")
     config.id2label = {i: name for i, name in enumerate(names)}
     config.label2id = {name: i for i, name in enumerate(names)}
     config.num_labels = len(names)
