@@ -61,7 +61,7 @@ def plain_scores(model, tokenizer) -> tuple[float, float]:
     with torch.no_grad():
         logits = model(**enc).logits
     return (float(torch.nn.functional.cross_entropy(logits, labels)),
-            float((logits.argmax(-1) == labels).float().mean()))
+            int((logits.argmax(-1) == labels).sum()) / len(rows))
 
 
 def test_head_only_run_trains_the_head_and_final_loads_in_plain_transformers(tiny_classifier, tmp_path):
@@ -118,6 +118,21 @@ def test_lora_with_an_mlp_head_on_a_causal_lm(tmp_path):
         from tuneforge.api import generate
 
         generate(run, "a big dog")
+
+
+def test_lora_final_loads_with_plain_peft(tiny_classifier, tmp_path):
+    """A LoRA run's final/ holds the adapter and the classifier's config.json: plain transformers + peft rebuild it."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    run = finetune(RECIPE, overrides(tmp_path, "lora", tiny_classifier, "train.max_steps=2",
+                                     "peft={method: lora, lora_rank: 4, lora_alpha: 8}"))
+    last = [r for r in read_metrics(run) if "val_loss" in r][-1]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_classifier, config=AutoConfig.from_pretrained(run / "final"))
+    model = PeftModel.from_pretrained(base, run / "final").eval()
+    loss, accuracy = plain_scores(model, AutoTokenizer.from_pretrained(run / "final"))
+    assert loss == pytest.approx(last["val_loss"], rel=1e-5) and accuracy == last["val_accuracy"]
 
 
 def test_loss_is_per_example_over_the_whole_step(tiny_classifier, tmp_path):

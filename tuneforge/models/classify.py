@@ -23,6 +23,7 @@ PEFT_METHODS = ("lora", "ia3")  # methods whose peft config keeps the head train
 
 
 def transformers_model(model):
+    """The transformers model inside DDP and peft wrappers."""
     inner = getattr(model, "module", model)
     while hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
