@@ -56,6 +56,8 @@ def check_classification_recipe(cfg, kind: str) -> None:
             raise UserError(f"data format classification needs model.kind: {KIND} (the model resolves to {kind})")
         if cfg.model.head is not None:
             raise UserError(f"model.head: applies to model.kind: {KIND} only (this model is {kind})")
+        if cfg.data.labels is not None:
+            raise UserError(f"data.labels: applies to classification data (model.kind: {KIND}) only")
         if cfg.train.trainable is not None and cfg.train.trainable.head:
             raise UserError(f"train.trainable.head: applies to model.kind: {KIND} only (use lm_head for {kind})")
         return
