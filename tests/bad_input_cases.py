@@ -60,6 +60,13 @@ T5 = {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_laye
 T5_FT = [*FT, "model.name_or_path={tmp}/t5"]
 
 
+CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}',
+                                     '{"text": "a red apple", "label": "food"}']),
+             "val.jsonl": bad_jsonl(['{"text": "a cat", "label": "animal"}', '{"text": "a tree", "label": "plant"}'])}
+CLS_DATA = ["data.train.path={tmp}/cls.jsonl", "data.train.format=classification"]
+CLS = ["model.kind=sequence_classification", *CLS_DATA]
+
+
 CASES = [
     # ---- recipe files ----
     Case("config", "recipe file missing", ["finetune", "-c", "{tmp}/nope.yaml"], "nope.yaml: no such recipe file"),
@@ -176,6 +183,18 @@ CASES = [
     Case("adapter", "generate with an adapter for other module names",
          ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
          "Target modules {'c_attn'} not found in the base model", GPT2),
+    # ---- sequence classification and init_from ----
+    Case("classification", "classification data for a causal LM", [*FT, *CLS_DATA],
+         "data format classification needs model.kind: sequence_classification", CLS_FILES),
+    Case("classification", "packing one label per sequence", [*FT, *CLS, "data.batching=packing"],
+         "data.batching: packing does not apply to sequence_classification", CLS_FILES),
+    Case("classification", "validation label the training data lacks",
+         [*FT, *CLS, "data.validation={path: {tmp}/val.jsonl, format: classification}"],
+         "val.jsonl:2: label 'plant' is not one of the training labels (animal, food)", CLS_FILES),
+    Case("classification", "head layers on a causal LM", [*FT, "model.head={hidden_layers: [64]}"],
+         "model.head: applies to model.kind: sequence_classification only"),
+    Case("config", "init_from a missing directory", [*FT, "model.init_from={tmp}/nope"],
+         "model.init_from: expected a run, checkpoint or final/ directory"),
 ]
 
 

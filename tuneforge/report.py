@@ -19,6 +19,7 @@ PLOTS = [
     ("Learning rate", "lr", [("lr", "learning rate")]),
     ("Throughput", "tokens / s", [("tokens_per_s", "tokens/s")]),
     ("SQuAD", "%", [("squad_em", "exact match"), ("squad_f1", "F1")]),
+    ("Classification", "score", [("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1")]),
 ]
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -86,7 +87,8 @@ def final_scores(run_dir: Path, rows: list[dict]) -> list[tuple[str, dict]]:
     from tuneforge.eval.evaluate import read_scores
 
     table = []
-    last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1")}
+    last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1", "val_accuracy",
+                                    "val_macro_f1")}
     for row in rows:
         last.update({k: v for k, v in row.items() if k in last or k.startswith("val_loss/")})
     last = {("perplexity" if k == "val_perplexity" else k): v for k, v in last.items() if v is not None}

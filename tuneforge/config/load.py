@@ -264,6 +264,7 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
     _check(d.val_split is None or not d.validation, origin,
            "data.val_split: carves validation data from train only when data.validation is not given")
     validate_eval(cfg, origin, check_paths)
+    validate_model_extras(cfg, origin, check_paths)
     if not check_paths:
         return
     mp = cfg.model.name_or_path
@@ -309,6 +310,24 @@ def validate_eval(cfg: Config, origin: str, check_paths: bool) -> None:
 
     _check(any(src.format == "squad" for _, src in validation_sources(cfg.data)), origin,
            "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
+
+
+def validate_model_extras(cfg: Config, origin: str, check_paths: bool) -> None:
+    """model.head, model.init_from and data.labels (classification and initialisation from a run)."""
+    head, d = cfg.model.head, cfg.data
+    if head is not None:
+        _check(bool(head.hidden_layers) and all(w >= 1 for w in head.hidden_layers), origin,
+               f"model.head.hidden_layers: expected a list of widths >= 1, got {head.hidden_layers}")
+        _check(0 <= head.dropout < 1, origin, f"model.head.dropout: must be in [0, 1), got {head.dropout}")
+    if d.labels is not None:
+        _check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels), origin,
+               f"data.labels: expected at least 2 distinct label names, got {d.labels}")
+    init = cfg.model.init_from
+    if init is not None:
+        _check(cfg.model.weights_only, origin, "model.weights_only: false is not supported; init_from "
+               "loads weights only (checkpoint.resume continues a run's optimizer, schedule and step)")
+        _check(not check_paths or _exists(init, "is_dir"), origin,
+               f"model.init_from: expected a run, checkpoint or final/ directory, got '{init}'")
 
 
 def _looks_local(name: str) -> bool:

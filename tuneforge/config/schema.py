@@ -40,6 +40,24 @@ class ModelConfig:
     quantization: Optional[QuantizationConfig] = doc(
         "load the frozen base weights quantized with bitsandbytes (QLoRA; needs peft and the `qlora` extra); "
         "null = full precision", None)
+    head: Optional[HeadConfig] = doc(
+        "sequence_classification: replace the model's linear classifier by an MLP (saved with its code: plain "
+        "transformers loads it with trust_remote_code=True); null = the model's own linear head", None)
+    init_from: Optional[str] = doc(
+        "start from an earlier run's weights: its run directory (final/, else its newest checkpoint), a "
+        "checkpoints/step_N or a final/ directory; full weights or the adapter (the peft section must match); "
+        "optimizer, schedule, data position and step start fresh", None)
+    weights_only: bool = doc(
+        "init_from loads weights only (the one supported mode; checkpoint.resume continues a run's optimizer, "
+        "schedule and step)", True)
+
+
+@dataclass
+class HeadConfig:
+    hidden_layers: list[int] = doc("widths of the hidden layers between the pooled hidden state and the labels",
+                                   factory=lambda: [256])
+    dropout: float = doc("dropout before every layer of the head (training only)", 0.1)
+    activation: Literal["gelu", "relu", "tanh"] = doc("non-linearity after each hidden layer", "gelu")
 
 
 @dataclass
@@ -103,15 +121,17 @@ PEFT_FIELD_METHODS = {
 @dataclass
 class DataSource:
     path: str = doc("data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
-    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text"] = doc(
-        "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text", "squad")
+    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification"] = doc(
+        "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text, "
+        "classification (a text and a label per row; model.kind: sequence_classification)", "squad")
     limit: Optional[int] = doc("use only the first N examples", None)
     name: Optional[str] = doc("name in reports and in metrics (val_loss/<name>); default: the file name", None)
     weight: float = doc("sampling weight among several training sources (share of the drawn examples)", 1.0)
     columns: Optional[dict] = doc("map the format's fields to this data's column names, e.g. {output: answer}", None)
     prompt_template: Optional[str] = doc("this source's prompt with {field} placeholders (overrides data.prompt_template)", None)
     truncation: Literal["auto", "left", "drop"] = doc(
-        "over-long examples: auto = shorten the context (squad, dolly) else cut the prompt's left; left; drop", "auto")
+        "over-long examples: auto = shorten the context (squad, dolly), keep the start (classification), else cut "
+        "the prompt's left; left; drop", "auto")
     unanswerable: Optional[str] = doc("SQuAD v2 questions without an answer: null = skip them, or a fixed answer text", None)
     split: str = doc("split of a Hub dataset or a saved DatasetDict", "train")
 
@@ -133,6 +153,9 @@ class DataConfig:
         "hold out training examples as validation (no validation given): a fraction below 1 (0.05), or a number of "
         "examples (2000), taken from each source in proportion to its size", None)
     chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
+    labels: Optional[list[str]] = doc(
+        "classification: the label names in id order (integer labels in the data index them); null = the sorted "
+        "distinct labels of the training data", None)
     shuffle: bool = doc("shuffle the training examples each epoch (seeded); false = file order, sources one after "
                         "another (their weights unused)", True)
     num_workers: int = doc("background processes that collate micro-batches ahead of the step (0 = in the training "
@@ -165,6 +188,8 @@ class TrainableConfig:
     patterns: list[str] = doc("also train parameters whose name matches one of these regexes (re.search)", factory=list)
     lm_head: bool = doc("also train the output layer (tied to the embeddings in some models: set both then)", False)
     embeddings: bool = doc("also train the input token embeddings", False)
+    head: bool = doc("sequence_classification: also train the classification head (with model.head: all its "
+                     "layers); alone it is head-only training of a frozen model", False)
 
 
 @dataclass

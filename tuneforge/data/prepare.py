@@ -316,6 +316,13 @@ def split_validation(train: PreparedData, val_split: float, seed: int) -> tuple[
 def prepare_data(data: DataConfig, tokenizer, seed: int, progress: bool = True,
                  keep_records: bool = False) -> tuple[PreparedData, dict[str, PreparedData]]:
     """The training mixture and the named validation sets (one per validation source, or the val_split hold-out)."""
+    from tuneforge.data.classify import prepare_classification_data, uses_classification
+
+    if uses_classification(data):  # one label per text, not a completion: see data/classify.py
+        if keep_records:
+            raise UserError("prepare-data --out: writes prompt/completion records; classification rows are "
+                            "already text and label (run without --out)")
+        return prepare_classification_data(data, tokenizer, seed)
     train = prepare_set(data, as_sources(data.train), tokenizer, keep_records, progress)
     vals: dict[str, PreparedData] = {}
     for source in as_sources(data.validation):

@@ -95,13 +95,20 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_chunk_tokens, self.full_forward = loss_chunk_tokens, not head_on_labels_only
+        from tuneforge.models.classify import is_classifier
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.classifier = is_classifier(model)
+
+    def forward(self, batch: dict[str, torch.Tensor], with_logits: bool = False):
         from tuneforge.models.loss import causal_lm_loss
         from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
 
         if is_seq2seq_batch(batch):
             return seq2seq_loss(self.model, batch)
+        if self.classifier:  # one label per sequence; with_logits also gives the predictions (validation)
+            from tuneforge.models.classify import classification_loss
+
+            return classification_loss(self.model, batch, with_logits)
         return causal_lm_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens)
 
 

@@ -17,9 +17,11 @@ from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, render_prompt
 from tuneforge.errors import UserError
+from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
 from tuneforge.eval.sources import dataset_format, squad_source, validation_sources
 from tuneforge.eval.squad import squad_scores
+from tuneforge.models.classify import is_classifier
 
 
 def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:
@@ -159,15 +161,19 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=overrides)
     precision = resolve_precision(cfg.model.dtype, model.device.type)
     if dataset is not None:
-        sources = [(Path(dataset).stem, DataSource(path=dataset, format=dataset_format(dataset), limit=limit))]
+        fmt = "classification" if is_classifier(model) else dataset_format(dataset)
+        sources = [(Path(dataset).stem, DataSource(path=dataset, format=fmt, limit=limit))]
     else:
         sources = [(name, _limited(src, limit)) for name, src in validation_sources(cfg.data)]
     for _, src in sources:
         if not (Path(src.path).exists() or is_hub_id(src.path)):
             raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
     results: dict = {"model": "base" if base else "final"}
-    results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
-    squad = squad_source(cfg, dataset, limit)
+    if is_classifier(model):  # loss, accuracy and macro-F1 with the labels the model was trained on
+        results.update(evaluate_classifier(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+    else:
+        results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+    squad = None if is_classifier(model) else squad_source(cfg, dataset, limit)
     predictions = None
     if squad is not None:
         if not (Path(squad.path).exists() or is_hub_id(squad.path)):

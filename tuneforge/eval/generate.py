@@ -11,6 +11,7 @@ from tuneforge.distributed import detect_env
 from tuneforge.errors import UserError
 from tuneforge.models import load_model, load_tokenizer, resolve_precision
 from tuneforge.models.seq2seq import is_encoder_decoder
+from tuneforge.models.classify import is_classifier, saved_model_config
 from tuneforge.peft import load_adapters, saved_adapters, transformers_model
 from tuneforge.peft.fit import check_adapters_fit
 
@@ -31,7 +32,7 @@ def load_run_model(run_dir: str | Path, base: bool = False, overrides: list[str]
         check_adapters_fit(cfg.model, final)  # before the base weights load
     tokenizer = load_tokenizer(cfg.model, str(final))
     if saved_adapters(final):
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, config=saved_model_config(final))  # None unless a classifier's labels
         if not base:
             model = load_adapters(model, final)  # peft's methods through peft, bottleneck adapters through ours
     elif base:
@@ -65,6 +66,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
     the new text of each prompt (for an encoder-decoder, what its decoder wrote). Left padding keeps every prompt's
     last token at the same column, so one decode step serves the whole batch."""
+    if is_classifier(model):
+        raise UserError("generate: this run trained a sequence classifier, which predicts labels, not text; score "
+                        "it with `tuneforge eval --run DIR` (accuracy, macro-F1)")
     precision = precision or resolve_precision("float32", detect_env().device)
     decoding = (sampling or Sampling()).generate_kwargs()
     if stop_at_newline:  # end each row at its first newline instead of spending max_new_tokens on it

@@ -131,8 +131,18 @@ def auto_class(kind: str):
     return getattr(transformers, MODEL_KINDS[kind])
 
 
-def load_model(cfg: ModelConfig, path: str | None = None):
-    """fp32 weights (the optimizer's master copy); compute precision comes from autocast."""
+def model_class(kind: str, config):
+    """The class that loads a config of this kind; classifiers may carry tuneforge's MLP head."""
+    if kind == "sequence_classification":
+        from tuneforge.models.classify import classifier_class
+
+        return classifier_class(config)
+    return auto_class(kind)
+
+
+def load_model(cfg: ModelConfig, path: str | None = None, config=None):
+    """fp32 weights (the optimizer's master copy); compute precision comes from autocast. `config` replaces the
+    checkpoint's own (a classifier's labels and pad id, which come from the data and the tokenizer)."""
     from transformers import AutoConfig
 
     kwargs = _hub_kwargs(cfg)
@@ -143,8 +153,11 @@ def load_model(cfg: ModelConfig, path: str | None = None):
 
         kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
-        kind = resolve_kind(cfg, AutoConfig.from_pretrained(path or cfg.name_or_path, **_hub_kwargs(cfg)))
-        model = auto_class(kind).from_pretrained(path or cfg.name_or_path, dtype=torch.float32, **kwargs)
+        if config is None:
+            config = AutoConfig.from_pretrained(path or cfg.name_or_path, **_hub_kwargs(cfg))
+        kind = resolve_kind(cfg, config)
+        model = model_class(kind, config).from_pretrained(path or cfg.name_or_path, config=config,
+                                                          dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise _load_error(cfg, "a model", e) from None
     if cfg.quantization is not None:
@@ -155,15 +168,19 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     return model
 
 
-def load_model_skeleton(cfg: ModelConfig):
+def load_model_skeleton(cfg: ModelConfig, config=None):
     """The model's structure on the meta device (no memory, no weights): ranks other than 0 build this and
     receive their shards of rank 0's weights after sharding, so no rank but 0 ever holds the full model."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+    config = config or AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    kind = resolve_kind(cfg, config)
     with torch.device("meta"):
-        model = auto_class(resolve_kind(cfg, config)).from_config(config, dtype=torch.float32,
+        if kind == "sequence_classification":  # a concrete class: from_config is the Auto classes' spelling
+            model = model_class(kind, config)._from_config(config, dtype=torch.float32, **kwargs)
+        else:
+            model = auto_class(kind).from_config(config, dtype=torch.float32,
                                                  trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
     return model

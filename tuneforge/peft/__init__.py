@@ -271,7 +271,12 @@ def check_mergeable(final: Path) -> list[tuple[str, Path]]:
 
 def describe_finetuning(model, cfg: Config) -> list[str]:
     """Start-of-run lines after the parameter count: adapters and where they sit, frozen parts, quantization."""
+    from tuneforge.models.classify import is_classifier
+
     lines = []
+    if is_classifier(model):
+        labels = transformers_model(model).config.id2label
+        lines.append(f"labels: {', '.join(f'{i}={labels[i]}' for i in sorted(labels))}")
     q = cfg.model.quantization
     if q is not None:
         kind = "8-bit LLM.int8"

@@ -23,7 +23,9 @@ def check_adapters_fit(model_cfg: ModelConfig, final: Path) -> None:
     from tuneforge.models import load_model_skeleton
     from tuneforge.peft import saved_adapters
 
-    inner = load_model_skeleton(model_cfg)
+    from tuneforge.models.classify import saved_model_config
+
+    inner = load_model_skeleton(model_cfg, saved_model_config(final))  # a classifier's labels and head
     for method, directory in saved_adapters(final):
         if method == "adapter":
             _check_bottleneck(inner, directory, model_cfg.name_or_path)
@@ -110,9 +112,10 @@ def _compare_shapes(weights: Path, expected: dict[str, tuple], base: str, traine
         raise UserError(f"{weights}: {problem}{trained_for}")
 
 
-def check_checkpoint_fits(cfg: Config, ckpt: Path) -> None:
+def check_checkpoint_fits(cfg: Config, ckpt: Path, model_config=None) -> None:
     """A single-process checkpoint's tensors against the recipe's model and fine-tuning built on the skeleton:
-    resuming after model.name_or_path or the peft section changed fails here, before the base weights load."""
+    resuming after model.name_or_path or the peft section changed fails here, before the base weights load.
+    `model_config` replaces the checkpoint's config (a classifier's labels)."""
     from safetensors import SafetensorError
 
     from tuneforge.checkpoint import WEIGHTS, check_tensors_fit
@@ -123,7 +126,7 @@ def check_checkpoint_fits(cfg: Config, ckpt: Path) -> None:
         found = header_shapes(ckpt / WEIGHTS)
     except (OSError, SafetensorError):
         return  # a multi-process or damaged checkpoint: loading it says what is wrong
-    model = apply_finetuning(load_model_skeleton(cfg.model), cfg)
+    model = apply_finetuning(load_model_skeleton(cfg.model, model_config), cfg)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     check_tensors_fit(ckpt / WEIGHTS, found, expected, f"model '{cfg.model.name_or_path}' with this recipe's peft")
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from tuneforge.config.schema import TrainableConfig
 from tuneforge.errors import UserError
+from tuneforge.models.classify import classifier_head, is_classifier
 from tuneforge.models.layers import find_decoder_layers
 
 
@@ -30,6 +33,8 @@ def select_trainable(model, cfg: TrainableConfig) -> tuple[set[str], list[str]]:
                             f"(names look like {names[len(names) // 2]})")
         chosen.update(hits)
         described.append(f"/{pattern}/ ({len(hits)} tensors)")
+    if cfg.head or (cfg.lm_head and is_classifier(model)):
+        described.append(_select_classifier_head(model, cfg, chosen))
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
     if tied and cfg.lm_head != cfg.embeddings:
@@ -52,3 +57,18 @@ def apply_trainable(model, cfg: TrainableConfig) -> list[str]:
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     return described
+
+
+def _select_classifier_head(model, cfg: TrainableConfig, chosen: set[str]) -> str:
+    """Adds the classification head's parameters (every layer of an MLP head) to `chosen`; its description."""
+    if not is_classifier(model):
+        raise UserError("train.trainable.head: this model has no classification head (model.kind: "
+                        "sequence_classification adds one)")
+    if cfg.lm_head:
+        raise UserError("train.trainable.lm_head: a classifier has no LM head; train.trainable.head trains its "
+                        "classification head")
+    name, head = classifier_head(model)
+    params = [f"{name}.{n}" for n, _ in head.named_parameters()]
+    chosen.update(params)
+    layers = sum(isinstance(m, torch.nn.Linear) for m in head.modules())
+    return f"classification head {name} ({layers} linear layer{'s' if layers > 1 else ''}, {len(params)} tensors)"

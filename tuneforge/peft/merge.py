@@ -20,6 +20,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     (AutoModelForSeq2SeqLM for an encoder-decoder)."""
     from tuneforge.eval.generate import load_run
     from tuneforge.models import load_model, load_tokenizer
+    from tuneforge.models.classify import save_head_code, saved_model_config
     from tuneforge.peft import check_mergeable, load_adapters
     from tuneforge.peft.fit import check_adapters_fit
 
@@ -30,13 +31,14 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
     full_precision = dataclasses.replace(cfg.model, quantization=None)
-    model = load_adapters(load_model(full_precision), final)
+    model = load_adapters(load_model(full_precision, config=saved_model_config(final)), final)
     merged = model.merge_and_unload()  # W' = W + scale * B @ A (lora) or W * l (ia3), adapter layers removed
     merged.config.use_cache = True
     merged = merged.to(DTYPES[dtype])
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
+    save_head_code(merged, tmp)  # a classifier with an MLP head: its code, for trust_remote_code loading
     load_tokenizer(cfg.model, str(final)).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

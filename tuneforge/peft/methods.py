@@ -1,6 +1,8 @@
 """One recipe `peft` entry -> the HF peft config that implements it (every method but `adapter`, which is ours)."""
 from __future__ import annotations
 
+import dataclasses
+
 from tuneforge.config.schema import PeftConfig
 
 # peft's PeftType value -> tuneforge method name
@@ -12,9 +14,13 @@ def build_peft_config(cfg: PeftConfig, model):
     """The peft config for a method peft implements; `model` supplies the depth and the tokenizer path."""
     import peft
 
+    from tuneforge.models.classify import head_target_modules, is_classifier
     from tuneforge.models.seq2seq import peft_task_type
 
     common = {"task_type": peft_task_type(model)}
+    if is_classifier(model):  # peft then trains and saves the head in full (modules_to_save: score / classifier)
+        common = {"task_type": "SEQ_CLS"}
+        cfg = dataclasses.replace(cfg, target_modules=head_target_modules(cfg, model))
     if cfg.method == "lora":
         return peft.LoraConfig(**common, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                bias=cfg.lora_bias, target_modules=cfg.target_modules, use_dora=cfg.use_dora,

@@ -100,8 +100,8 @@ def validate_trainable(cfg: Config, parts: list[PeftConfig], origin: str) -> Non
                       "modules through peft.modules_to_save")
     if tr.top_layers is not None and tr.top_layers < 0:
         _fail(origin, f"train.trainable.top_layers: must be >= 0 or null, got {tr.top_layers}")
-    if not (tr.top_layers or tr.patterns or tr.lm_head or tr.embeddings):
-        _fail(origin, "train.trainable: selects no parameters; set top_layers, patterns, lm_head or embeddings "
+    if not (tr.top_layers or tr.patterns or tr.lm_head or tr.embeddings or tr.head):
+        _fail(origin, "train.trainable: selects no parameters; set top_layers, patterns, lm_head, embeddings or head "
                       "(or train.trainable: null to train every weight)")
     for i, pattern in enumerate(tr.patterns):
         try:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from tuneforge.config.schema import Config
+from tuneforge.models.classify import is_classifier, save_classifier_extras
 from tuneforge.models.load import is_local
 from tuneforge.peft import save_adapters, transformers_model
 
@@ -34,6 +35,8 @@ def save_final(model, tokenizer, cfg: Config, out: Path, state_dict: dict | None
     else:
         model.save_pretrained(tmp, safe_serialization=True,
                               **({"state_dict": state_dict} if state_dict is not None else {}))
+    if is_classifier(model):
+        save_classifier_extras(model, tmp, adapter=cfg.peft is not None)
     tokenizer.save_pretrained(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():

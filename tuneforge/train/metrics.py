@@ -113,6 +113,8 @@ def _short(m: dict) -> str:
         parts.append(f"loss {m['loss']:.4f}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "val_accuracy" in m:
+        parts.append(f"accuracy {m['val_accuracy']:.3f} macro-F1 {m['val_macro_f1']:.3f}")
     if "squad_f1" in m:
         parts.append(f"squad EM {m['squad_em']:.1f} F1 {m['squad_f1']:.1f}")
     if "lr" in m:

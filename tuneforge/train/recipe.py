@@ -18,6 +18,7 @@ import torch
 
 from tuneforge.checkpoint import (find_latest, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
                                   save_sharded_checkpoint)
+from tuneforge.checkpoint.init_from import apply_init_from
 from tuneforge.config import Config, dump_config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
@@ -27,9 +28,12 @@ from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, de
                                    inner_model, launched_world_size, needs_skeleton, resolve_strategy,
                                    set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
+from tuneforge.eval.classify import validate_classifier
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                               resolve_precision, store_frozen_linears)
+from tuneforge.models.classify import build_classifier_config, check_classification_recipe, is_classifier
+from tuneforge.models.load import resolve_kind
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.fit import check_checkpoint_fits
 from tuneforge.peft.validate import peft_parts
@@ -92,6 +96,8 @@ def seed_everything(seed: int) -> None:
 def validate(module, batches, precision, env: DistEnv) -> dict:
     """Token-weighted mean loss over the whole validation set (all ranks' shares), and its perplexity. With
     several named sets ({name: batches}) also val_loss/<name> per set; val_loss is then over all their tokens."""
+    if is_classifier(inner_model(module)):
+        return validate_classifier(module, batches, precision, env)
     named = batches if isinstance(batches, dict) else {"": batches}
     module.eval()
     sums = {}
@@ -154,8 +160,10 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     check_wandb(cfg)
     check_output_dir(cfg)
     check_seq_length(cfg, check_model_config(cfg))
+    kind = resolve_kind(cfg.model)
+    check_classification_recipe(cfg, kind)
     run_dir, resume_from = prepare_run_dir_on_main(cfg, overwrite, env)
-    if resume_from is not None and not env.initialized:
+    if resume_from is not None and not env.initialized and kind != "sequence_classification":
         check_checkpoint_fits(cfg, resume_from)  # a changed model or peft section fails before the weights load
     if env.is_main:
         dump_config(cfg, run_dir / "config.yaml")
@@ -167,8 +175,15 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
 
     if cfg.data.batching == "packing":
         check_packing_backend(cfg.model.attn_implementation, env.device)
-    model = load_model_skeleton(cfg.model) if needs_skeleton(strategy, env) else load_model(cfg.model)
+    model_config = None
+    if kind == "sequence_classification":  # the data's labels size the head; the tokenizer's pad id pools
+        model_config = build_classifier_config(cfg.model, train.examples.names, tokenizer)
+        if resume_from is not None and not env.initialized:
+            check_checkpoint_fits(cfg, resume_from, model_config)
+    model = (load_model_skeleton(cfg.model, model_config) if needs_skeleton(strategy, env)
+             else load_model(cfg.model, config=model_config))
     model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
+    init_lines = apply_init_from(model, cfg) if cfg.model.init_from else []  # a resumed checkpoint then overrides
     model.train()
     trainable, total = count_parameters(model)
     finetuning_lines = describe_finetuning(model, cfg)  # before sharding replaces the parameters
@@ -203,7 +218,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     info = sink.info if sink else (lambda message: None)
     info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
          f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
-    for line in finetuning_lines:
+    for line in finetuning_lines + init_lines:
         info(line)
     for line in data_summary_lines(train, vals, loader.batch_sampler, cfg.data):
         info(line)
