@@ -4,6 +4,7 @@ One process needs none of it; torchrun (launched by `tuneforge finetune --nproc-
 RANK / WORLD_SIZE / LOCAL_RANK and the same recipe runs data-parallel, gloo on CPU and nccl on CUDA."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -139,6 +140,24 @@ def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_
     return module
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode for forwards with no backward (validation), then training mode with every FSDP2 unit resharded.
+    The root is sharded with reshard_after_forward=False, so a forward leaves its weights gathered for a backward
+    that never comes: the module then lists those plain, whole tensors instead of its DTensor shards, and anything
+    that collects parameters before the next backward (the gradient-clipping list) misses their gradients."""
+    from torch.distributed.fsdp import FSDPModule
+
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):  # the next forward gathers the root again: one all-gather per validation
+                unit.reshard()
+
+
 def scatter_from_rank0(module: nn.Module, full_state: dict | None, env: DistEnv) -> None:
     """Give every rank its shards of rank 0's weights. The other ranks built the model on the meta device, so
     they allocate only their shards here; buffers (e.g. rotary frequencies) are not sharded and are copied whole."""
@@ -187,8 +206,6 @@ def _dtype(name: str) -> torch.dtype:
 
 def set_gradient_sync(module: nn.Module, enabled: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of a step (accumulate locally)."""
-    import contextlib
-
     if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
         module.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()

@@ -23,27 +23,26 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
 def validate_classifier(module, batches, precision, env) -> dict:
     """val_loss (mean cross-entropy per example), val_accuracy, val_macro_f1 over all validation sets; with several
     named sets ({name: batches}) also val_loss/<name>, val_accuracy/<name>, val_macro_f1/<name>."""
-    from tuneforge.distributed import all_reduce_sum, inner_model
+    from tuneforge.distributed import all_reduce_sum, evaluating, inner_model
     from tuneforge.models.classify import transformers_model
 
     num_labels = transformers_model(inner_model(module)).config.num_labels
     named = batches if isinstance(batches, dict) else {"": batches}
-    module.eval()
     per_set = {}
-    for name, set_batches in named.items():
-        loss, confusion = 0.0, torch.zeros(num_labels, num_labels, dtype=torch.long)
-        for batch in set_batches:
-            with precision.context():
-                total, logits, labels = module({k: v.to(env.device) for k, v in batch.items()}, with_logits=True)
-            loss += float(total)
-            pairs = labels.cpu() * num_labels + logits.argmax(-1).cpu()
-            confusion += torch.bincount(pairs, minlength=num_labels ** 2).view(num_labels, num_labels)
-        if env.initialized and env.world_size > 1:  # one collective for the whole matrix
-            summed = confusion.to(env.device)
-            torch.distributed.all_reduce(summed)
-            confusion = summed.cpu()
-        per_set[name] = (all_reduce_sum(loss, env), confusion)
-    module.train()
+    with evaluating(module):
+        for name, set_batches in named.items():
+            loss, confusion = 0.0, torch.zeros(num_labels, num_labels, dtype=torch.long)
+            for batch in set_batches:
+                with precision.context():
+                    total, logits, labels = module({k: v.to(env.device) for k, v in batch.items()}, with_logits=True)
+                loss += float(total)
+                pairs = labels.cpu() * num_labels + logits.argmax(-1).cpu()
+                confusion += torch.bincount(pairs, minlength=num_labels ** 2).view(num_labels, num_labels)
+            if env.initialized and env.world_size > 1:  # one collective for the whole matrix
+                summed = confusion.to(env.device)
+                torch.distributed.all_reduce(summed)
+                confusion = summed.cpu()
+            per_set[name] = (all_reduce_sum(loss, env), confusion)
     out = set_scores(sum(t for t, _ in per_set.values()), sum(c for _, c in per_set.values()))
     if len(named) > 1:
         for name, (total, confusion) in per_set.items():

@@ -24,9 +24,9 @@ from tuneforge.data import build_eval_batches, build_train_loader, count_input_t
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, decoder_layers, init_distributed,
-                                   inner_model, launched_world_size, needs_skeleton, resolve_strategy,
-                                   set_gradient_sync, shutdown, wrap_model)
+from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, decoder_layers, evaluating,
+                                   init_distributed, inner_model, launched_world_size, needs_skeleton,
+                                   resolve_strategy, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.classify import validate_classifier
 from tuneforge.eval.evaluate import build_training_squad
@@ -99,16 +99,15 @@ def validate(module, batches, precision, env: DistEnv) -> dict:
     if is_classifier(inner_model(module)):
         return validate_classifier(module, batches, precision, env)
     named = batches if isinstance(batches, dict) else {"": batches}
-    module.eval()
     sums = {}
-    for name, set_batches in named.items():
-        total, tokens = 0.0, 0
-        for batch in set_batches:
-            with precision.context():
-                total += float(module({k: v.to(env.device) for k, v in batch.items()}))
-            tokens += count_label_tokens(batch)
-        sums[name] = (all_reduce_sum(total, env), all_reduce_sum(tokens, env))
-    module.train()
+    with evaluating(module):
+        for name, set_batches in named.items():
+            total, tokens = 0.0, 0
+            for batch in set_batches:
+                with precision.context():
+                    total += float(module({k: v.to(env.device) for k, v in batch.items()}))
+                tokens += count_label_tokens(batch)
+            sums[name] = (all_reduce_sum(total, env), all_reduce_sum(tokens, env))
     loss = sum(t for t, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1)
     out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
     if len(named) > 1:
