@@ -92,8 +92,9 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, en
     from tuneforge.eval.generate import load_run
     from tuneforge.serve.vllm import check_vllm, use_vllm, vllm_serve_command
 
-    cfg, final = load_run(run_dir)
+    check_limits(limits or Limits())
     template = load_chat_template(chat_template)
+    cfg, final = load_run(run_dir)
     if engine == "vllm":
         check_vllm(final)
     if engine == "vllm" or (engine == "auto" and use_vllm(final)):

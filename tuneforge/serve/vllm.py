@@ -12,7 +12,10 @@ from tuneforge.export import vllm_args
 
 
 def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # a module object without a spec (e.g. a stub in sys.modules)
+        return False
 
 
 def vllm_servable(final: Path) -> str | None:
