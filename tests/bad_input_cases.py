@@ -55,6 +55,7 @@ NARROW = lora_files("narrow", "q_proj", {f"{Q_PROJ_A}.weight": (4, 32), Q_PROJ_A
 GPT2 = lora_files("gpt2", "c_attn", {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 64)},
                   "openai-community/gpt2")
 OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
+SERVABLE = lora_files("done", "q_proj", {f"{Q_PROJ_A}.weight": (4, 64)}, "stories260K")  # a finished LoRA run
 
 
 CASES = [
@@ -158,6 +159,25 @@ CASES = [
     Case("adapter", "generate with an adapter for other module names",
          ["generate", "--run", "{tmp}/gpt2", "--prompt", "x"],
          "Target modules {'c_attn'} not found in the base model", GPT2),
+    # ---- serving ----
+    Case("serve", "vLLM engine without vLLM", ["serve", "--run", "{tmp}/done", "--engine", "vllm"],
+         "--engine vllm: vLLM is not installed: pip install vllm", SERVABLE, env={"TUNEFORGE_TEST_HIDE": "vllm"}),
+    Case("serve", "serve without the serve extra", ["serve", "--run", "{tmp}/done", "--engine", "transformers"],
+         "FastAPI and uvicorn are not installed: pip install 'tuneforge[serve]'", SERVABLE,
+         env={"TUNEFORGE_TEST_HIDE": "fastapi"}),
+    Case("serve", "zero concurrent requests", ["serve", "--run", "{tmp}/done", "--max-concurrent", "0"],
+         "--max-concurrent: must be >= 1, got 0", SERVABLE),
+    Case("serve", "port out of range", ["serve", "--run", "{tmp}/done", "--port", "70000"],
+         "--port: must be in 0..65535, got 70000", SERVABLE),
+    Case("serve", "chat template file missing",
+         ["serve", "--run", "{tmp}/done", "--chat-template", "{tmp}/chat.jinja"],
+         "chat.jinja: cannot read (FileNotFoundError); pass a Jinja file or the template itself", SERVABLE),
+    Case("serve", "query an address without http://", ["query", "--url", "localhost:8000", "--prompt", "x"],
+         "--url localhost:8000: expected http://HOST:PORT"),
+    Case("serve", "query a server that is not there", ["query", "--url", "http://127.0.0.1:9", "--prompt", "x"],
+         "--url http://127.0.0.1:9: cannot reach the server"),
+    Case("serve", "query for zero tokens", ["query", "--url", "http://127.0.0.1:9", "--prompt", "x", "--max-tokens",
+                                            "0"], "--max-tokens: must be >= 1, got 0"),
 ]
 
 
