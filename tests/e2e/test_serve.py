@@ -260,7 +260,8 @@ def test_chat_without_a_template_is_a_400():
 
 
 def test_cli_serve_and_query(run_dir, run_model, capsys):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TUNEFORGE_API_KEY=KEY)
+    # one intra-op thread, as in this process: the greedy answers are compared bit for bit
+    env = dict(os.environ, PYTHONPATH=str(REPO), TUNEFORGE_API_KEY=KEY, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--run", str(run_dir), "--port", "0",
                              "--engine", "auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -269,9 +270,10 @@ def test_cli_serve_and_query(run_dir, run_model, capsys):
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
         for extra in ([], ["--stream"]):
-            assert cli.main(["query", "--url", url, "--prompt", PROMPT, "--max-tokens", "10", "--api-key", KEY,
-                             *extra]) == 0
-            assert capsys.readouterr().out == greedy(run_model, PROMPT, 10) + "\n"
+            code = cli.main(["query", "--url", url, "--prompt", PROMPT, "--max-tokens", "10", "--api-key", KEY,
+                             *extra])
+            out, err = capsys.readouterr()
+            assert (code, out) == (0, greedy(run_model, PROMPT, 10) + "\n"), err
         assert cli.main(["query", "--url", url, "--prompt", PROMPT, "--api-key", "wrong"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"tuneforge: error: --url {url}: the server answered 401: missing or wrong API key: send the "
@@ -316,3 +318,50 @@ def test_vllm_command_serves_the_adapter_as_a_lora_module(run_dir, tmp_path):
     assert vllm_servable(ia3) == "vLLM serves LoRA adapters only, and this run holds ia3"
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     assert vllm_servable(ia3) == "vLLM does not serve DoRA adapters"
+
+
+def test_requests_over_max_concurrent_get_429_until_one_finishes(tmp_path):
+    """An engine that holds its one job until told: a second request is refused, and served once the first ends."""
+    from concurrent.futures import Future
+
+    from transformers import AutoTokenizer
+
+    from tuneforge.serve import bind_socket
+    from tuneforge.serve.app import Served, build_app
+    from tuneforge.serve.engine import Choice
+    from tuneforge.serve.limits import Limits
+    import uvicorn
+
+    class HeldEngine:
+        name, stats, jobs = "held", {}, []
+
+        def submit(self, job):
+            self.jobs.append(job)
+            return job.future
+
+    engine = HeldEngine()
+    served = Served(engine, AutoTokenizer.from_pretrained(STORIES), "m", Limits(max_concurrent=1), None)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(build_app(served), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    body = json.dumps({"model": "m", "prompt": "x", "max_tokens": 2}).encode()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, url, "/v1/completions", body, None)
+            while not engine.jobs:
+                time.sleep(0.01)
+            status, answer = post(url, "/v1/completions", body, None)
+            assert status == 429 and "1 requests in flight (--max-concurrent)" in answer["error"]["message"]
+            engine.jobs[0].future.set_result([Choice("ok", "length", 2)])
+            assert first.result(timeout=10)[1]["choices"][0]["text"] == "ok"
+        engine.jobs.clear()
+        threading.Timer(0.2, lambda: engine.jobs[0].future.set_result([Choice("again", "stop", 1)])).start()
+        assert post(url, "/v1/completions", body, None)[1]["choices"][0]["text"] == "again"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

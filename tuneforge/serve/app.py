@@ -106,25 +106,26 @@ def build_app(served: Served, api_key: str | None = None) -> FastAPI:
                                 "(--max-concurrent); retry shortly", code="too_many_requests")
         stream = bool(payload.get("stream"))
         include_usage = stream and bool((payload.get("stream_options") or {}).get("include_usage"))
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+        if stream:
+            job.on_text = lambda index, text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
+
+        def finished():
+            served.in_flight -= 1
+            events.put_nowait(None)
+
+        # A request counts until its job is done (or cancelled before it ran), however its client goes away.
         served.in_flight += 1
+        future = served.engine.submit(job)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(finished))
+        if stream:
+            return StreamingResponse(stream_events(job, events, chat, include_usage), media_type="text/event-stream")
         try:
-            if stream:
-                events = asyncio.Queue()
-                loop = asyncio.get_running_loop()
-                job.on_text = lambda index, text: loop.call_soon_threadsafe(events.put_nowait, (index, text))
-                served.engine.submit(job).add_done_callback(
-                    lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
-                body = stream_events(job, events, chat, include_usage)
-                served.in_flight += 1  # the stream holds its own count, released when it ends
-                return StreamingResponse(body, media_type="text/event-stream")
-            choices = await asyncio.wrap_future(served.engine.submit(job))
-        except ApiError:
-            raise
+            choices = await asyncio.wrap_future(future)
         except Exception as e:
             log.exception("request failed")
             raise ApiError(500, f"generation failed: {e.__class__.__name__}: {e}") from None
-        finally:
-            served.in_flight -= 1
         return response(job, choices, chat)
 
     def usage(job: Job, choices: list[Choice]) -> dict:
@@ -160,23 +161,20 @@ def build_app(served: Served, api_key: str | None = None) -> FastAPI:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
+        if chat:
+            yield sse([piece(i, None, role=True) for i in range(count)])
+        while (event := await events.get()) is not None:
+            yield sse([piece(*event)])
         try:
-            if chat:
-                yield sse([piece(i, None, role=True) for i in range(count)])
-            while (event := await events.get()) is not None:
-                yield sse([piece(*event)])
-            try:
-                choices = job.future.result()
-            except Exception as e:  # the response has started: the error goes in the stream, as OpenAI's does
-                log.exception("request failed")
-                yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}').body())}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            yield sse([piece(i, None, c.finish_reason) for i, c in enumerate(choices)])
-            if include_usage:
-                yield sse([], usage=usage(job, choices))
+            choices = job.future.result()
+        except Exception as e:  # the response has started: the error goes in the stream, as OpenAI's does
+            log.exception("request failed")
+            yield f"data: {json.dumps(ApiError(500, f'generation failed: {e}').body())}\n\n"
             yield "data: [DONE]\n\n"
-        finally:
-            served.in_flight -= 1
+            return
+        yield sse([piece(i, None, c.finish_reason) for i, c in enumerate(choices)])
+        if include_usage:
+            yield sse([], usage=usage(job, choices))
+        yield "data: [DONE]\n\n"
 
     return app
