@@ -81,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --input: write one JSON line per input line, in order (the input fields + `output`)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top-p probability mass")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed = same samples)")
+    add_sampling_args(gen)
     gen.add_argument("--stop-at-newline", action="store_true", help="end each output at its first newline")
     gen.add_argument("--base", action="store_true", help="use the base model without the run's adapter")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
@@ -127,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("-c", "--config", required=required, help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top-p probability mass")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed = same samples)")
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -212,10 +216,7 @@ def add_serve_commands(sub) -> None:
     q.add_argument("--chat", action="store_true", help="use /v1/chat/completions (the prompt is the user message)")
     q.add_argument("--model", help="model name (default: the server's)")
     q.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    q.add_argument("--top-p", type=float, help="nucleus sampling: keep the top-p probability mass")
-    q.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    q.add_argument("--seed", type=int, help="seed for sampling")
+    add_sampling_args(q)
     q.add_argument("--stop", action="append", help="stop string (repeatable)")
     q.add_argument("--stream", action="store_true", help="print the text as it is generated")
     q.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),

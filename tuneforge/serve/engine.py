@@ -11,6 +11,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from tuneforge.eval.generate import Sampling, generate_tokens
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,13 @@ class TransformersEngine:
                 groups.setdefault(job.group_key(next(self.serial)), []).append(job)
             for jobs in groups.values():
                 for batch in self.split(jobs):
-                    self.run_batch(batch)
+                    try:
+                        self.run_batch(batch)
+                    except Exception as e:  # fails this batch's requests, never the worker or the server
+                        log.exception("generation failed")
+                        for job in batch:
+                            if not job.future.done():
+                                job.future.set_exception(e)
             if stopping:
                 return
 
@@ -167,22 +175,14 @@ class TransformersEngine:
         streamer = RowStreamer(self.tokenizer, [(job, c) for job, c, _ in rows]) \
             if any(job.on_text for job in jobs) else None
         lead = jobs[0]
-        try:
-            if lead.sampling.seed is not None:
-                import torch
-
-                torch.manual_seed(lead.sampling.seed)
-            # One length for the batch; each job's continuations are cut to its own max_tokens after (decoding is
-            # causal, so a row's first k tokens do not depend on how long it goes on).
-            max_tokens = max(job.max_tokens for job in jobs)
-            generated = generate_tokens(self.model, self.tokenizer, [p for _, _, p in rows], max_tokens,
-                                        self.precision, lead.sampling, stop_strings=list(lead.stop) or None,
-                                        streamer=streamer, add_special_tokens=lead.add_special_tokens)
-        except Exception as e:  # a failure fails this batch's requests, never the server
-            log.exception("generation failed")
-            for job in jobs:
-                job.future.set_exception(e)
-            return
+        if lead.sampling.seed is not None:
+            torch.manual_seed(lead.sampling.seed)
+        # One length for the batch; each job's continuations are cut to its own max_tokens after (decoding is
+        # causal, so a row's first k tokens do not depend on how long it goes on).
+        max_tokens = max(job.max_tokens for job in jobs)
+        generated = generate_tokens(self.model, self.tokenizer, [p for _, _, p in rows], max_tokens,
+                                    self.precision, lead.sampling, stop_strings=list(lead.stop) or None,
+                                    streamer=streamer, add_special_tokens=lead.add_special_tokens)
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)
         results: dict[int, list[Choice]] = {id(job): [None] * (len(job.prompts) * job.n) for job in jobs}
