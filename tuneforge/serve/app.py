@@ -32,7 +32,7 @@ class Served:
 
     def check_model(self, payload: dict) -> None:
         model = payload.get("model")
-        if model != self.name:
+        if model is not None and model != self.name:  # left out (curl users do): the one model served
             raise ApiError(404, f"model {json.dumps(model)} does not exist; this server serves {self.name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
