@@ -281,7 +281,7 @@ def test_cli_serve_and_query(run_dir, run_model, capsys):
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
-    assert code in (0, 130), proc.stderr.read()
+    assert code == 0, proc.stderr.read()  # Ctrl-C is how a server is stopped: exit 0
 
 
 def test_serve_on_a_taken_port_is_one_line(run_dir, capsys):

@@ -112,7 +112,9 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, en
     print(f"tuneforge: serving {run_dir} as model {cfg.run.name!r} at http://{shown}:{sock.getsockname()[1]}/v1 "
           "(engine transformers; Ctrl-C stops)", flush=True)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # uvicorn shuts down gracefully on Ctrl-C, then raises it again
+    except KeyboardInterrupt:
+        print("tuneforge: server stopped", file=sys.stderr)
     finally:
         batcher.close()
         sock.close()
