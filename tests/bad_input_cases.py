@@ -65,6 +65,7 @@ CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}',
              "val.jsonl": bad_jsonl(['{"text": "a cat", "label": "animal"}', '{"text": "a tree", "label": "plant"}'])}
 CLS_DATA = ["data.train.path={tmp}/cls.jsonl", "data.train.format=classification"]
 CLS = ["model.kind=sequence_classification", *CLS_DATA]
+SERVABLE = lora_files("done", "q_proj", {f"{Q_PROJ_A}.weight": (4, 64)}, "stories260K")  # a finished LoRA run
 
 
 CASES = [
@@ -195,6 +196,25 @@ CASES = [
          "model.head: applies to model.kind: sequence_classification only"),
     Case("config", "init_from a missing directory", [*FT, "model.init_from={tmp}/nope"],
          "model.init_from: expected a run, checkpoint or final/ directory"),
+    # ---- serving ----
+    Case("serve", "vLLM engine without vLLM", ["serve", "--run", "{tmp}/done", "--engine", "vllm"],
+         "--engine vllm: vLLM is not installed: pip install vllm", SERVABLE, env={"TUNEFORGE_TEST_HIDE": "vllm"}),
+    Case("serve", "serve without the serve extra", ["serve", "--run", "{tmp}/done", "--engine", "transformers"],
+         "FastAPI and uvicorn are not installed: pip install 'tuneforge[serve]'", SERVABLE,
+         env={"TUNEFORGE_TEST_HIDE": "fastapi"}),
+    Case("serve", "zero concurrent requests", ["serve", "--run", "{tmp}/done", "--max-concurrent", "0"],
+         "--max-concurrent: must be >= 1, got 0", SERVABLE),
+    Case("serve", "port out of range", ["serve", "--run", "{tmp}/done", "--port", "70000"],
+         "--port: must be in 0..65535, got 70000", SERVABLE),
+    Case("serve", "chat template file missing",
+         ["serve", "--run", "{tmp}/done", "--chat-template", "{tmp}/chat.jinja"],
+         "chat.jinja: cannot read (FileNotFoundError); pass a Jinja file or the template itself", SERVABLE),
+    Case("serve", "query an address without http://", ["query", "--url", "localhost:8000", "--prompt", "x"],
+         "--url localhost:8000: expected http://HOST:PORT"),
+    Case("serve", "query a server that is not there", ["query", "--url", "http://127.0.0.1:9", "--prompt", "x"],
+         "--url http://127.0.0.1:9: cannot reach the server"),
+    Case("serve", "query for zero tokens", ["query", "--url", "http://127.0.0.1:9", "--prompt", "x", "--max-tokens",
+                                            "0"], "--max-tokens: must be >= 1, got 0"),
 ]
 
 

@@ -22,7 +22,9 @@ EPILOG = """examples:
   tuneforge eval --run runs/quickstart --harness hellaswag --harness-args num_fewshot=0 limit=100
   tuneforge report --run runs/quickstart          # runs/quickstart/report.html
   tuneforge export --run runs/quickstart --format vllm --out exported/quickstart
-  tuneforge push --run runs/quickstart --repo-id me/quickstart-lora --private"""
+  tuneforge push --run runs/quickstart --repo-id me/quickstart-lora --private
+  tuneforge serve --run runs/quickstart --port 8000    # OpenAI-compatible API at http://127.0.0.1:8000/v1
+  tuneforge query --url http://127.0.0.1:8000 --prompt "Once upon a time" --max-tokens 32"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --input: write one JSON line per input line, in order (the input fields + `output`)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top-p probability mass")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed = same samples)")
+    add_sampling_args(gen)
     gen.add_argument("--stop-at-newline", action="store_true", help="end each output at its first newline")
     gen.add_argument("--base", action="store_true", help="use the base model without the run's adapter")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
@@ -126,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("-c", "--config", required=required, help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top-p probability mass")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed = same samples)")
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +181,48 @@ def add_eval_commands(sub) -> None:
     push.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/my-model")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_serve_commands(sub)
+
+
+def add_serve_commands(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a finished run's model over an OpenAI-compatible HTTP API",
+                        description="/v1/models, /v1/completions, /v1/chat/completions (streaming with \"stream\": "
+                                    "true) and /health. --engine auto uses vLLM's server when vLLM and a GPU are "
+                                    "there, else a transformers engine that batches concurrent requests. Needs the "
+                                    "`serve` extra (pip install 'tuneforge[serve]').")
+    sv.add_argument("--run", required=True, help="run directory (runs/<name>); the model is named after the run")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                    help="auto (default): vLLM when installed with a GPU, else transformers")
+    sv.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $TUNEFORGE_API_KEY; none: open)")
+    sv.add_argument("--chat-template", metavar="FILE",
+                    help="Jinja chat template for /v1/chat/completions (a file or the template itself; default: "
+                         "the run's data.chat_template, else the tokenizer's)")
+    limits = sv.add_argument_group("request limits (transformers engine; over them: a 4xx answer)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=2048, help="tokens per prompt (default 2048)")
+    limits.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens per request (default 512)")
+    limits.add_argument("--max-concurrent", type=int, default=64,
+                        help="requests in flight, and continuations per batch (default 64; more get 429)")
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    sv.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    q = sub.add_parser("query", help="send a prompt to an OpenAI-compatible server and print the answer",
+                       description="A small client for `tuneforge serve` (or vLLM): completes --prompt, or with "
+                                   "--chat sends it as a user message. The model defaults to the one the server "
+                                   "lists.")
+    q.add_argument("--url", required=True, help="server address, e.g. http://127.0.0.1:8000")
+    q.add_argument("--prompt", required=True, help="prompt text")
+    q.add_argument("--chat", action="store_true", help="use /v1/chat/completions (the prompt is the user message)")
+    q.add_argument("--model", help="model name (default: the server's)")
+    q.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    add_sampling_args(q)
+    q.add_argument("--stop", action="append", help="stop string (repeatable)")
+    q.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    q.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
+                   help="bearer key (default: $TUNEFORGE_API_KEY)")
+    q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_finetune(args) -> int:
@@ -314,6 +362,29 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tuneforge.serve import Limits, serve_run
+
+    limits = Limits(args.max_prompt_tokens, args.max_new_tokens, args.max_concurrent, args.max_body_bytes)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: must be in 0..65535, got {args.port}")
+    return serve_run(args.run, args.host, args.port, args.engine, args.api_key, limits, args.chat_template)
+
+
+def cmd_query(args) -> int:
+    from tuneforge.serve.client import query
+
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
+    pieces = query(args.url, args.prompt, chat=args.chat, model=args.model, api_key=args.api_key,
+                   stream=args.stream, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def quiet_libraries() -> None:
     """Library chatter that says nothing to a tuneforge user (deprecations inside transformers/torchdata)."""
     import warnings
@@ -339,7 +410,7 @@ def cmd_slurm(args) -> int:
 
 COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm,
             "prepare-data": cmd_prepare_data, "plan": cmd_plan, "merge": cmd_merge, "eval": cmd_eval, "report": cmd_report,
-            "export": cmd_export, "push": cmd_push}
+            "export": cmd_export, "push": cmd_push, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,19 @@ def merge_adapter(run_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def vllm_args(out: Path, name: str, adapter: Path | None = None, base: str | None = None,
+              rank: int | None = None) -> list[str]:
+    """`vllm serve` for a model directory, or for a base model with a LoRA adapter served as module `name`."""
+    if adapter is None:
+        return ["vllm", "serve", str(out.resolve()), "--served-model-name", name]
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= (rank or 8)), VLLM_LORA_RANKS[-1])
+    return ["vllm", "serve", str(base), "--enable-lora", "--lora-modules", f"{name}={adapter.resolve()}",
+            "--max-lora-rank", str(max_rank)]
+
+
 def vllm_command(out: Path, name: str, adapter: Path | None = None, base: str | None = None,
                  rank: int | None = None) -> str:
-    if adapter is None:
-        return shlex.join(["vllm", "serve", str(out.resolve()), "--served-model-name", name])
-    max_rank = next((r for r in VLLM_LORA_RANKS if r >= (rank or 8)), VLLM_LORA_RANKS[-1])
-    return shlex.join(["vllm", "serve", str(base), "--enable-lora", "--lora-modules",
-                       f"{name}={adapter.resolve()}", "--max-lora-rank", str(max_rank)])
+    return shlex.join(vllm_args(out, name, adapter, base, rank))
 
 
 def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False) -> str:

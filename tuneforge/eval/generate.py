@@ -64,27 +64,46 @@ class Sampling:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None) -> list[str]:
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
-    the new text of each prompt (for an encoder-decoder, what its decoder wrote). Left padding keeps every prompt's
-    last token at the same column, so one decode step serves the whole batch."""
+    the new text of each prompt (for an encoder-decoder, what its decoder wrote)."""
+    if sampling is not None and sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        rows = generate_tokens(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, precision, sampling,
+                               stop_strings=["\n"] if stop_at_newline else None)
+        for row in rows:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            outputs.append(text.split("\n")[0].strip() if stop_at_newline else text)
+    return outputs
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, precision=None,
+                    sampling: Sampling | None = None, stop_strings: list[str] | None = None, streamer=None,
+                    add_special_tokens: bool = True) -> list[list[int]]:
+    """One batch: the new token ids of each prompt, up to (not including) its eos. Left padding keeps every
+    prompt's last token at the same column, so one decode step serves the whole batch. `stop_strings` end a row
+    early (the stop text itself is generated; callers cut it); `streamer` gets each step's tokens (transformers'
+    BaseStreamer protocol). Seeding is the caller's: a seed covers all the batches it makes."""
     if is_classifier(model):
         raise UserError("generate: this run trained a sequence classifier, which predicts labels, not text; score "
                         "it with `tuneforge eval --run DIR` (accuracy, macro-F1)")
     precision = precision or resolve_precision("float32", detect_env().device)
     decoding = (sampling or Sampling()).generate_kwargs()
-    if stop_at_newline:  # end each row at its first newline instead of spending max_new_tokens on it
-        decoding.update(stop_strings=["\n"], tokenizer=tokenizer)
-    if sampling is not None and sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
+    if stop_strings:
+        decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     tokenizer.padding_side = "left"  # harmless for an encoder-decoder: its attention mask hides the padding
-    encoder_decoder = is_encoder_decoder(model)
-    outputs = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
-        with precision.context():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **decoding,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        # a causal LM returns prompt + new tokens; an encoder-decoder only its decoder's (after the start token)
-        for row in out[:, 1 if encoder_decoder else enc["input_ids"].shape[1]:]:
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            outputs.append(text.split("\n")[0].strip() if stop_at_newline else text)
-    return outputs
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
+    with precision.context():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **decoding, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    rows = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # a causal LM returns prompt + new tokens; an encoder-decoder only its decoder's (after the start token)
+    for row in out[:, 1 if is_encoder_decoder(model) else enc["input_ids"].shape[1]:].tolist():
+        # A finished row (eos or stop string) is filled with pad tokens until the longest row ends.
+        row = row[:row.index(eos)] if eos in row else row
+        while row and row[-1] == pad:
+            row.pop()
+        rows.append(row)
+    return rows
