@@ -1,4 +1,5 @@
-"""tuneforge: fine-tune Hugging Face causal language models from one YAML recipe."""
+"""tuneforge: fine-tune Hugging Face language models (causal or encoder-decoder) and classifiers from one YAML
+recipe."""
 
 __version__ = "0.1.0"
 

@@ -35,8 +35,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="tuneforge", description="Fine-tune Hugging Face causal language models "
-                                     "from one YAML recipe.", epilog=EPILOG,
+    parser = Parser(prog="tuneforge", description="Fine-tune Hugging Face language models "
+                                     "(causal or encoder-decoder) and classifiers from one YAML recipe, "
+                                     "then evaluate, export and serve them.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
