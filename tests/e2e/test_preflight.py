@@ -18,7 +18,8 @@ def test_model_without_a_causal_lm_head(tiny_recipe, tmp_path):
     from transformers import T5Config
 
     T5Config(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32).save_pretrained(tmp_path / "t5")
-    proc = finetune(tiny_recipe, tmp_path, f"model.name_or_path={tmp_path / 't5'}")
+    # model.kind auto would take it as the seq2seq model it is: a causal LM is asked for here
+    proc = finetune(tiny_recipe, tmp_path, f"model.name_or_path={tmp_path / 't5'}", "model.kind=causal_lm")
     one_line_error(proc, "is a 't5' model without a causal-LM head")
 
 
