@@ -30,9 +30,12 @@ quickstart: setup
 	$(BIN)/tuneforge eval --run runs/quickstart
 	$(BIN)/tuneforge report --run runs/quickstart
 
-# pytest's exit code 5 (no test collected) counts as a failure.
+# pytest's exit code 5 (no test collected) counts as a failure. Two pytest workers, one torch thread each
+# (tests/conftest.py): the tiny models' steps are too small for two threads to pay, so two tests at a time use the
+# two cores better than one test with two threads.
+PYTEST_WORKERS ?= 2
 test: setup
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
 
 clean:

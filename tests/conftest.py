@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread in every test process and every `tuneforge` subprocess (set before torch is first imported):
+# the tiny models' matmuls are too small for a second thread to pay, and two pytest workers (`make test`) keep both
+# cores busy instead. Measured on the quickstart's golden steps: 1 and 2 threads give bit-identical losses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "assets/models/stories260K"
 SQUAD_TRAIN = REPO / "assets/data/squad/train.json"

@@ -74,7 +74,8 @@ def check_checkpoint_room(run_dir: Path, trainable: int, cfg: Config) -> None:
     if not cfg.checkpoint.every_steps:
         return
     need = 2 * 12 * trainable
-    free = shutil.disk_usage(run_dir).free
+    where = run_dir if run_dir.exists() else Path(cfg.run.output_dir)  # a new run's directory is made later
+    free = shutil.disk_usage(where).free
     if free < need:
         raise UserError(f"checkpoint.every_steps: {run_dir} has {free / 2**30:.1f} GiB free; a checkpoint of "
                         f"{trainable:,} trainable parameters needs about {need / 2**30:.1f} GiB (two while saving)")

@@ -18,6 +18,7 @@ def probe_ids():
                 "Once upon a time"], return_tensors="pt", padding=True)
 
 
+@pytest.mark.precision
 def test_accumulation_gives_the_bigger_batch_curve(tiny_recipe, tmp_path):
     finetune(tiny_recipe, tmp_path, "big", "train.micro_batch_size=8")
     finetune(tiny_recipe, tmp_path, "accum", "train.micro_batch_size=4")
@@ -30,6 +31,7 @@ def test_accumulation_gives_the_bigger_batch_curve(tiny_recipe, tmp_path):
     assert train_losses(tmp_path / "big")[-1] < train_losses(tmp_path / "big")[0]
 
 
+@pytest.mark.precision
 def test_resume_continues_the_uninterrupted_curve_exactly(tiny_recipe, tmp_path):
     steps = ["train.max_steps=6", "checkpoint.every_steps=2", f"data.validation.path={SQUAD_DEV}",
              "data.validation.format=squad", "data.validation.limit=8", "train.val_every_steps=3"]

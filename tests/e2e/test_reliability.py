@@ -65,6 +65,7 @@ BF16_STEPS = ["model.dtype=bfloat16", "train.max_steps=10", "data.train.limit=24
 
 @pytest.mark.parametrize("steps,moments", [(FP32_STEPS, ["write", "any", "any"] * 3 + ["any"]),
                                            (BF16_STEPS, ["write", "training", "write"])], ids=["fp32", "bf16"])
+@pytest.mark.precision
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp_path, steps, moments):
     """A SIGKILL at each moment (inside a checkpoint write; anywhere; after training started), each followed by
     the same command again; the last rerun finishes with the weights and metrics of an uninterrupted run."""

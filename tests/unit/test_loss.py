@@ -7,6 +7,8 @@ from tuneforge.data import IGNORE
 from tuneforge.models import causal_lm_loss
 from tuneforge.peft import apply_peft
 
+pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
+
 
 def batch(vocab=512, rows=3, width=20, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -12,6 +12,8 @@ from tuneforge.distributed import DistEnv, TrainModule
 from tuneforge.train.recipe import validate
 from tests.conftest import SQUAD_DEV, STORIES
 
+pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
+
 
 @pytest.fixture(scope="module")
 def examples(tok):

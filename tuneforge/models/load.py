@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +16,19 @@ log = logging.getLogger("tuneforge")
 
 @dataclass
 class Precision:
-    """fp32 master weights always; `autocast` is the dtype matmuls run in (None = fp32)."""
+    """fp32 master weights always; `autocast` is the dtype matmuls run in (None = fp32). `reason` says why, for the
+    run's first lines."""
     device: str
     autocast: torch.dtype | None
+    reason: str = ""
+    emulated: bool = False  # bf16 asked for where the hardware has no bf16 matmuls: it works, slowly
 
     @property
     def name(self) -> str:
         return "bf16 autocast" if self.autocast == torch.bfloat16 else "fp32"
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}" + (f" ({self.reason})" if self.reason else "")
 
     def context(self):
         if self.autocast is None:
@@ -29,22 +36,73 @@ class Precision:
         return torch.autocast(self.device, dtype=self.autocast)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above which its bf16 matmuls run natively (AVX-512 BF16 or AMX).
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+                     "DEFAULT", "ALL")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_unsupported_reason(environ=None, cpu_flags: set[str] | None = None) -> str | None:
+    """None when this CPU's kernels will run bf16 matmuls natively, else why not (one clause for the log).
+
+    oneDNN alone is not enough to ask: it reports bf16 as supported on any AVX-512 CPU (it can emulate bf16 there),
+    and ATen's own kernels follow ATEN_CPU_CAPABILITY, which oneDNN never reads. So all three must agree: the CPU has
+    the instructions, ONEDNN_MAX_CPU_ISA (if set) admits them, and ATEN_CPU_CAPABILITY (if set) is AVX-512."""
+    environ = os.environ if environ is None else environ
+    isa = environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in _ONEDNN_BF16_ISAS:
+        return f"ONEDNN_MAX_CPU_ISA={isa} leaves oneDNN without bf16 matmul kernels; bf16 autocast would be emulated"
+    aten = environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten and not aten.startswith("avx512"):
+        return f"ATEN_CPU_CAPABILITY={aten} limits ATen to {aten} kernels, which have no bf16 instructions"
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if flags is not None and not flags & set(_CPU_BF16_FLAGS):
+        return "this CPU has no bf16 matmul instructions; bf16 autocast would be emulated and slower"
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "oneDNN finds no bf16 support on this CPU; bf16 autocast would be emulated and slower"
+    except (AttributeError, RuntimeError):
+        return "this torch build has no oneDNN bf16 support"
+    return None
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
 def cpu_supports_bf16() -> bool:
     """bf16 autocast pays on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), ~2-4x faster than fp32 there."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return cpu_bf16_unsupported_reason() is None
 
 
 def resolve_precision(dtype: str, device: str) -> Precision:
+    """The precision `model.dtype` asks for on this device. bf16 asked for explicitly is honoured everywhere (a CPU
+    without bf16 instructions emulates it, slowly, and the caller warns); `auto` picks bf16 only where it is native."""
     if dtype == "float32":
-        return Precision(device, None)
-    if dtype == "bfloat16":
-        return Precision(device, torch.bfloat16)
+        return Precision(device, None, "model.dtype=float32")
     if device == "cuda":
-        return Precision(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
-    return Precision(device, torch.bfloat16 if cpu_supports_bf16() else None)
+        native = torch.cuda.is_bf16_supported()
+        if dtype == "bfloat16":
+            return Precision(device, torch.bfloat16, "model.dtype=bfloat16" if native else
+                             "model.dtype=bfloat16, but this GPU has no native bf16; emulated, slower", not native)
+        return Precision(device, torch.bfloat16 if native else None,
+                         "model.dtype=auto: native bf16" if native else "model.dtype=auto: this GPU has no bf16")
+    why_not = cpu_bf16_unsupported_reason() if device == "cpu" else "no bf16 autocast on this device"
+    if dtype == "bfloat16":
+        return Precision(device, torch.bfloat16,
+                         f"model.dtype=bfloat16, but {why_not}" if why_not else "model.dtype=bfloat16", bool(why_not))
+    if why_not:
+        return Precision(device, None, f"model.dtype=auto: {why_not}")
+    return Precision(device, torch.bfloat16, "model.dtype=auto: this CPU has native bf16 matmuls")
 
 
 def store_frozen_linears(model, dtype: torch.dtype) -> int:

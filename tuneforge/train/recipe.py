@@ -10,16 +10,14 @@ import logging
 import math
 import random
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from tuneforge.checkpoint import (find_latest, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
-                                  save_sharded_checkpoint)
+from tuneforge.checkpoint import load_checkpoint, load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint
 from tuneforge.checkpoint.init_from import apply_init_from
-from tuneforge.config import Config, dump_config, to_dict
+from tuneforge.config import Config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
@@ -42,49 +40,24 @@ from tuneforge.report import write_report
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.rundir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
-
-
-def prepare_run_dir(cfg: Config, overwrite: bool) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to resume from. An existing run is never silently replaced."""
-    run_dir = run_dir_of(cfg)
-    ckpt = None
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    elif run_dir.exists():
-        if cfg.checkpoint.resume == "auto":
-            ckpt = find_latest(run_dir / "checkpoints")
-        if ckpt is None and cfg.checkpoint.resume not in ("auto", "never"):
-            ckpt = Path(cfg.checkpoint.resume)
-        # A finished run is never replaced silently. An interrupted one that had not checkpointed yet restarts
-        # (its metrics lines are for steps that will run again, and are dropped).
-        if ckpt is None and ((run_dir / "final").exists() or cfg.checkpoint.resume == "never"):
-            raise UserError(f"run directory {run_dir} already holds a run with nothing to resume; "
-                            "pass --overwrite to replace it or choose another run.name")
-    elif cfg.checkpoint.resume not in ("auto", "never"):
-        ckpt = Path(cfg.checkpoint.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, ckpt
-
-
-def prepare_run_dir_on_main(cfg: Config, overwrite: bool, env: DistEnv) -> tuple[Path, Path | None]:
-    """Rank 0 decides (and may delete); the others learn the outcome, including an error, so none waits forever."""
+def plan_run_dir_on_main(cfg: Config, overwrite: bool, env: DistEnv) -> RunDirPlan:
+    """Rank 0 decides (reading only); the others learn the outcome, including an error, so none waits forever."""
     outcome = None
     if env.is_main:
         try:
-            outcome = ("ok", *prepare_run_dir(cfg, overwrite))
+            outcome = ("ok", plan_run_dir(cfg, overwrite))
         except UserError as e:
-            outcome = ("error", str(e), None)
+            outcome = ("error", str(e))
     outcome = broadcast_object(outcome, env)
     if outcome[0] == "error":
         raise UserError(outcome[1])
-    return outcome[1], outcome[2]
+    return outcome[1]
 
 
 def seed_everything(seed: int) -> None:
@@ -161,13 +134,18 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     check_seq_length(cfg, check_model_config(cfg))
     kind = resolve_kind(cfg.model)
     check_classification_recipe(cfg, kind)
-    run_dir, resume_from = prepare_run_dir_on_main(cfg, overwrite, env)
+    # Nothing in the run directory is written until every check below has passed (commit_run_dir).
+    plan = plan_run_dir_on_main(cfg, overwrite, env)
+    run_dir, resume_from = plan.run_dir, plan.resume_from
     if resume_from is not None and not env.initialized and kind != "sequence_classification":
         check_checkpoint_fits(cfg, resume_from)  # a changed model or peft section fails before the weights load
-    if env.is_main:
-        dump_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.run.seed)
     precision = resolve_precision(cfg.model.dtype, env.device.split(":")[0])
+    if env.is_main:
+        print(f"precision: {precision.describe()}", flush=True)
+        if precision.emulated:
+            log.warning("model.dtype=bfloat16 on hardware without bf16 matmuls: it works, but every matmul is "
+                        "emulated and training is slower than in fp32; model.dtype=auto picks fp32 here")
 
     tokenizer = load_tokenizer(cfg.model)
     train, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
@@ -213,12 +191,23 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
     start_step = 0
     if resume_from is not None:
         start_step = load_state(resume_from, module, optimizer, scheduler, loader, env)
+    if start_step >= total_steps and (run_dir / "final").exists():  # a finished run's record stays as it is
+        if env.is_main:
+            print(f"run {run_dir} already finished ({start_step} of {total_steps} steps); nothing to do. Raise "
+                  "train.max_steps to train it further, or pass --overwrite to start it again", flush=True)
+        del module, optimizer
+        return run_dir
+    if env.is_main:
+        commit_run_dir(plan, cfg)
+    broadcast_object(None, env)  # the other ranks write checkpoint shards into the directory rank 0 just made
     sink = MetricsSink(run_dir, cfg, total_steps, start_step, to_dict(cfg)) if env.is_main else None
     info = sink.info if sink else (lambda message: None)
     info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
          f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
     for line in finetuning_lines + init_lines:
         info(line)
+    if plan.changed:
+        info(f"resuming with changed settings (they do not change what a step computes): {'; '.join(plan.changed)}")
     for line in data_summary_lines(train, vals, loader.batch_sampler, cfg.data):
         info(line)
     info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
