@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) $(TORCH_INDEX)
 	$(BIN)/pip install -q -r requirements-lock.txt
-	$(BIN)/pip install -q -e ".[qlora,eval,serve]"
+	$(BIN)/pip install -q -e ".[qlora,eval,serve,gguf]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -101,15 +101,18 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_data_cache(tmp_path_factory):
-    """Tokenized-data cache in a temporary directory (inherited by run_cli), never the user's ~/.cache."""
-    old = os.environ.get("TUNEFORGE_CACHE_DIR")
-    os.environ["TUNEFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+def _isolated_caches(tmp_path_factory):
+    """Tokenized-data and GGUF-model caches in temporary directories (inherited by run_cli), never ~/.cache."""
+    names = {"TUNEFORGE_CACHE_DIR": "data-cache", "TUNEFORGE_GGUF_CACHE": "gguf-cache"}
+    old = {name: os.environ.get(name) for name in names}
+    for name, folder in names.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
     yield
-    if old is None:
-        os.environ.pop("TUNEFORGE_CACHE_DIR", None)
-    else:
-        os.environ["TUNEFORGE_CACHE_DIR"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

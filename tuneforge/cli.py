@@ -229,6 +229,7 @@ def add_serve_commands(sub) -> None:
 def cmd_finetune(args) -> int:
     from tuneforge.config import describe_schema, load_config
     from tuneforge.distributed import launched_world_size
+    from tuneforge.models.gguf import resolve_model_source
 
     if args.help_config:
         print("\n".join(describe_schema()))
@@ -238,7 +239,8 @@ def cmd_finetune(args) -> int:
     if (args.nproc_per_node > 1 or args.nnodes > 1) and "TORCHELASTIC_RUN_ID" not in os.environ:
         from tuneforge.launch import launch_torchrun
 
-        load_config(args.config, args.overrides, world_size=args.nproc_per_node * args.nnodes)  # fail fast
+        cfg = load_config(args.config, args.overrides, world_size=args.nproc_per_node * args.nnodes)  # fail fast
+        resolve_model_source(cfg)  # a GGUF base is converted once here, not by every rank at once
         return launch_torchrun(args)
     cfg = load_config(args.config, args.overrides, world_size=launched_world_size())
     from tuneforge.train import finetune
@@ -296,19 +298,21 @@ def cmd_prepare_data(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.data.report import print_data_report
     from tuneforge.models import load_tokenizer
+    from tuneforge.models.gguf import resolve_model_source
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_model_source(load_config(args.config, args.overrides))
     print_data_report(cfg, load_tokenizer(cfg.model), args.out)
     return 0
 
 
 def cmd_plan(args) -> int:
     from tuneforge.config import load_config
+    from tuneforge.models.gguf import resolve_model_source
     from tuneforge.plan import plan
 
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
-    cfg = load_config(args.config, args.overrides, world_size=args.nproc)
+    cfg = resolve_model_source(load_config(args.config, args.overrides, world_size=args.nproc))
     print(plan(cfg, args.nproc, args.device))
     return 0
 

@@ -268,7 +268,9 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
     if not check_paths:
         return
     mp = cfg.model.name_or_path
-    if _looks_local(mp):
+    if mp.lower().endswith(".gguf") and not cfg.model.gguf_file:
+        _check(_exists(mp, "is_file"), origin, f"model.name_or_path: no such GGUF file '{mp}'")
+    elif _looks_local(mp):
         _check(_exists(mp, "is_dir"), origin, f"model.name_or_path: no such model directory '{mp}'")
     _check(cfg.checkpoint.resume in ("auto", "never") or _exists(cfg.checkpoint.resume, "is_dir"), origin,
            f"checkpoint.resume: expected auto, never or an existing checkpoint directory, got '{cfg.checkpoint.resume}'")

@@ -22,7 +22,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = doc("Hugging Face Hub id or local directory of a transformers model", "")
+    name_or_path: str = doc("Hugging Face Hub id or local directory of a transformers model, or a local .gguf file "
+                            "(dequantized once to a cached transformers directory, which becomes the base model)", "")
+    gguf_file: Optional[str] = doc(
+        "a GGUF file inside name_or_path (a Hub repo id or a local directory), e.g. model.Q4_K_M.gguf; null = "
+        "name_or_path is a transformers model (or itself a .gguf file)", None)
     kind: Literal["auto", "causal_lm", "seq2seq", "sequence_classification"] = doc(
         "model family: causal_lm (AutoModelForCausalLM), seq2seq (AutoModelForSeq2SeqLM: T5, BART; the prompt goes "
         "to the encoder, the answer to the decoder), sequence_classification (AutoModelForSequenceClassification); "

@@ -31,6 +31,7 @@ from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                               resolve_precision, store_frozen_linears)
 from tuneforge.models.classify import build_classifier_config, check_classification_recipe, is_classifier
+from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.load import resolve_kind
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.fit import check_checkpoint_fits
@@ -105,6 +106,7 @@ def load_state(ckpt: Path, module, optimizer, scheduler, loader, env: DistEnv) -
 
 
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
+    cfg = resolve_model_source(cfg)  # a GGUF file trains as its cached transformers directory (recorded as such)
     strategy = resolve_strategy(cfg.distributed, launched_world_size())
     check_strategy_fits(cfg, strategy)
     env = init_distributed(strategy)
