@@ -1,4 +1,6 @@
 """2-process runs under torchrun (gloo on CPU) against the single-process run of the same recipe and global batch."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -95,3 +97,39 @@ def test_twenty_consecutive_two_process_runs_exit_cleanly(tiny_recipe, tmp_path)
                    "data.seq_length=96", f"distributed.strategy={strategy}", nproc=2, check=False)
         assert proc.returncode == 0, (i, strategy, proc.stderr[-2000:])
         assert "SIGABRT" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+STORY_ANSWERS = ["Can you help", "I'm sorry", "you", "Can", "Lily", "I'm", "help me", "sorry", "a ball", "Can you"]
+
+
+def squad_options(tmp_path):
+    """Questions whose gold answers are words the story model likes to write ('"I'm sorry', 'Can you help'), so
+    its F1 is not zero (10 questions, in batches of 3: ranks 0 and 1 answer two batches each)."""
+    context = "Once upon a time there was a little girl named Lily. She liked to play with a big ball in the park."
+    qas = [{"id": f"q{i}", "question": f"What is thing {i}?", "answers": [{"text": a, "answer_start": 0}]}
+           for i, a in enumerate(STORY_ANSWERS)]
+    path = tmp_path / "story_squad.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    return [f"eval.squad.path={path}", "eval.squad.every_steps=2", "eval.squad.batch_size=3",
+            "eval.squad.max_new_tokens=6"]
+
+
+def test_squad_during_ddp_training_gives_the_one_process_scores(tiny_recipe, tmp_path):
+    """The ranks answer alternate batches of the questions and gather the answers: the scores at steps 0, 2 and 3
+    are the single process's."""
+    squad = squad_options(tmp_path)
+    run(tiny_recipe, tmp_path, "one", *squad)
+    run(tiny_recipe, tmp_path, "two", *squad, "distributed.strategy=ddp", nproc=2)
+    scores = lambda rows: [(r["step"], r["squad_em"], r["squad_f1"]) for r in rows if "squad_f1" in r]  # noqa: E731
+    want = scores(read_metrics(tmp_path / "one"))
+    assert [s for s, _, _ in want] == [0, 2, 3] and any(f1 > 0 for _, _, f1 in want), want
+    assert scores(read_metrics(tmp_path / "two")) == want
+
+
+def test_squad_during_fsdp2_training_is_refused_once_before_launch(tiny_recipe, tmp_path):
+    proc = run(tiny_recipe, tmp_path, "fsdp", *squad_options(tmp_path), "distributed.strategy=fsdp2", nproc=2,
+               check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "eval.squad: generation during training needs whole weights on every rank (ddp)" in lines[0]
+    assert not (tmp_path / "fsdp").exists()

@@ -12,8 +12,7 @@ import pytest
 from tests.conftest import REPO, read_metrics
 from tests.tiny_recipes import one_torch_thread, skip_report_plots, tiny_run_overrides  # noqa: F401 (autouse)
 from tuneforge import finetune, load_config
-from tuneforge.distributed import resolve_strategy
-from tuneforge.train.recipe import check_strategy_fits
+from tuneforge.distributed import check_strategy_fits, resolve_strategy
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # Recipes written for several GPUs: their batch arithmetic and strategy must hold at that size.
@@ -26,7 +25,7 @@ def test_recipe_validates_and_trains_two_steps(recipe: Path, tiny_models, tmp_pa
     skip_report_plots(monkeypatch)
     world_size = WORLD_SIZES.get(recipe.name, 1)
     cfg = load_config(recipe, world_size=world_size)
-    check_strategy_fits(cfg, resolve_strategy(cfg.distributed, world_size))
+    check_strategy_fits(cfg, resolve_strategy(cfg.distributed, world_size), world_size)
     run_dir = finetune(recipe, tiny_run_overrides(recipe, tiny_models, tmp_path))
     losses = [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

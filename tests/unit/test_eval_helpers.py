@@ -113,3 +113,26 @@ def test_squad_questions_come_from_the_validation_sources_split(tmp_path):
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
     task = build_squad_task(cfg, squad_source(cfg), AutoTokenizer.from_pretrained(STORIES), model)
     assert [r.fields["question"] for r in task.records] == ["validation split?"]
+
+
+def test_ranks_answer_alternate_batches_and_together_answer_like_one_process():
+    """SquadTask.answer(rank, world_size) takes the batches one process would form, every world_size-th of them:
+    the ranks' answers, merged, are the single process's answers, question for question."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.eval.evaluate import SquadTask
+    from tuneforge.models import resolve_precision
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    tok.pad_token = tok.unk_token
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    prompts = [f"Context: {name} has {n} red balls. Question: How many balls? Answer:"
+               for n, name in enumerate(["Lily", "Tom", "Ben", "Sue", "Max", "Amy", "Sam"], start=2)]
+    records = [Record({}, "", f"q{i}", ["x"]) for i in range(len(prompts))]
+    task = SquadTask(records, prompts, max_new_tokens=5, batch_size=2)
+    fp32 = resolve_precision("float32", "cpu")
+    whole = task.answer(model, tok, fp32)
+    shares = [task.answer(model, tok, fp32, rank, 3) for rank in range(3)]
+    assert [sorted(s) for s in shares] == [["q0", "q1", "q6"], ["q2", "q3"], ["q4", "q5"]]
+    assert {k: v for s in shares for k, v in s.items()} == whole and len(whole) == 7

@@ -43,7 +43,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -122,7 +122,7 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
     _fsync_dir(tmp)
     final = ckpt_root / f"step_{step}"
@@ -169,7 +169,7 @@ def verify(ckpt: Path) -> str | None:
         path = ckpt / name
         if not path.is_file() or path.stat().st_size != info["size"]:
             return f"{name} is missing or has the wrong size"
-        if _sha256(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             return f"{name} does not match its hash"
     return None
 

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tuneforge.config.schema import DistributedConfig
+from tuneforge.config.schema import Config, DistributedConfig
 from tuneforge.errors import UserError
+from tuneforge.peft.validate import peft_parts
 
 log = logging.getLogger("tuneforge")
 
@@ -73,6 +74,21 @@ def resolve_strategy(cfg: DistributedConfig, world_size: int) -> str:
     if cfg.strategy == "ddp" and world_size == 1:
         return "single"
     return cfg.strategy
+
+
+def check_strategy_fits(cfg: Config, strategy: str, world_size: int) -> None:
+    """Recipe rules that depend on the process count; the launcher checks them once, before torchrun starts."""
+    parts = peft_parts(cfg.peft)
+    if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
+        raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
+                        "bottleneck adapters")
+    if cfg.eval.squad is not None and strategy == "fsdp2" and world_size > 1:
+        # FSDP2 ranks hold shards: every forward is a collective, and ranks generating different answers would
+        # run different numbers of them. DDP ranks hold whole models and share the questions.
+        raise UserError("eval.squad: generation during training needs whole weights on every rank (ddp); with "
+                        "distributed.strategy=fsdp2 run `tuneforge eval --run DIR` after training")
+    if cfg.model.quantization is not None and strategy != "single":
+        raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
 
 
 def build_mesh(env: DistEnv, dp_replicate: int):
@@ -231,6 +247,15 @@ def inner_model(module: nn.Module) -> nn.Module:
 def barrier(env: DistEnv) -> None:
     if env.initialized and env.world_size > 1:
         dist.barrier()
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not env.initialized or env.world_size == 1:
+        return [obj]
+    box = [None] * env.world_size
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def broadcast_object(obj, env: DistEnv):

@@ -61,17 +61,21 @@ class SquadTask:
     max_new_tokens: int
     batch_size: int
 
-    def answer(self, model, tokenizer, precision) -> dict[str, str]:
+    def answer(self, model, tokenizer, precision, rank: int = 0, world_size: int = 1) -> dict[str, str]:
         """{question_id: answer}: greedy, stopping at a newline or eos. Runs under a forked RNG and in eval mode,
-        so answering mid-training changes neither the training numerics nor the random stream."""
+        so answering mid-training changes neither the training numerics nor the random stream. With several
+        ranks, rank r answers batches r, r + world_size, ...: the very batches one process would form, so the
+        gathered answers are one process's answers."""
         was_training = model.training
         model.eval()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        starts = range(rank * self.batch_size, len(self.prompts), world_size * self.batch_size)
+        mine = [i for start in starts for i in range(start, min(start + self.batch_size, len(self.prompts)))]
         with torch.random.fork_rng(devices=devices):
-            answers = generate(model, tokenizer, self.prompts, self.max_new_tokens, self.batch_size, precision,
-                               stop_at_newline=True)
+            answers = generate(model, tokenizer, [self.prompts[i] for i in mine], self.max_new_tokens,
+                               self.batch_size, precision, stop_at_newline=True)
         model.train(was_training)
-        return {r.id: a for r, a in zip(self.records, answers)}
+        return {self.records[i].id: a for i, a in zip(mine, answers)}
 
     def references(self) -> dict[str, list[str]]:
         return {r.id: r.references for r in self.records}
@@ -84,27 +88,35 @@ class SquadTask:
 class SquadDuringTraining:
     """eval.squad inside the training loop: at step 0, every `every_steps` and at the last step."""
 
-    def __init__(self, task: SquadTask, every_steps: int | None, tokenizer, precision):
-        self.task, self.every, self.tokenizer, self.precision = task, every_steps, tokenizer, precision
+    def __init__(self, task: SquadTask, every_steps: int | None, tokenizer, precision, env=None):
+        self.task, self.every, self.tokenizer, self.precision, self.env = task, every_steps, tokenizer, precision, env
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every is not None and step % self.every == 0)
 
     def at(self, step: int, total_steps: int, model) -> dict[str, float]:
+        """The scores at this step (empty when none are due). Under DDP every rank holds the whole model, answers
+        its share of the questions, and all ranks gather every answer before scoring."""
         if not self.due(step, total_steps):
             return {}
-        scores, _ = self.task.score(model, self.tokenizer, self.precision)
-        return scores
+        from tuneforge.distributed import all_gather_objects
+
+        env = self.env
+        rank, world = (env.rank, env.world_size) if env is not None and env.initialized else (0, 1)
+        predictions = {}
+        for share in all_gather_objects(self.task.answer(model, self.tokenizer, self.precision, rank, world), env):
+            predictions.update(share)
+        return squad_scores(predictions, self.task.references())
 
 
-def build_training_squad(cfg: Config, tokenizer, model, precision) -> SquadDuringTraining | None:
+def build_training_squad(cfg: Config, tokenizer, model, precision, env=None) -> SquadDuringTraining | None:
     if cfg.eval.squad is None:
         return None
     source = squad_source(cfg, limit=cfg.eval.squad.limit)
     if source is None:
         raise UserError("eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
     task = build_squad_task(cfg, source, tokenizer, model)
-    return SquadDuringTraining(task, cfg.eval.squad.every_steps, tokenizer, precision)
+    return SquadDuringTraining(task, cfg.eval.squad.every_steps, tokenizer, precision, env)
 
 
 def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> SquadTask:

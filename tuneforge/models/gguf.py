@@ -9,13 +9,13 @@ peft, transformers and vLLM load as they are."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from tuneforge.checkpoint import file_sha256
 from tuneforge.config.schema import Config, ModelConfig
 from tuneforge.errors import UserError
 
@@ -42,7 +42,7 @@ def resolve_model_source(cfg: Config) -> Config:
 
 def gguf_model_dir(m: ModelConfig) -> Path:
     gguf_path = locate_gguf(m)
-    digest = _sha256(gguf_path)
+    digest = file_sha256(gguf_path)
     target = gguf_cache_root() / f"{gguf_path.stem}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target
@@ -133,10 +133,3 @@ def write_dequantized(gguf_path: Path, target: Path, m: ModelConfig, digest: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()

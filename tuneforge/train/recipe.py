@@ -22,7 +22,7 @@ from tuneforge.data import build_eval_batches, build_train_loader, count_input_t
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.distributed import (DistEnv, all_reduce_sum, broadcast_object, decoder_layers, evaluating,
+from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, check_strategy_fits, decoder_layers, evaluating,
                                    init_distributed, inner_model, launched_world_size, needs_skeleton,
                                    resolve_strategy, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
@@ -35,7 +35,6 @@ from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.load import resolve_kind
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.fit import check_checkpoint_fits
-from tuneforge.peft.validate import peft_parts
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.report import write_report
 from tuneforge.train.export import consolidated_state, save_final
@@ -108,24 +107,12 @@ def load_state(ckpt: Path, module, optimizer, scheduler, loader, env: DistEnv) -
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
     cfg = resolve_model_source(cfg)  # a GGUF file trains as its cached transformers directory (recorded as such)
     strategy = resolve_strategy(cfg.distributed, launched_world_size())
-    check_strategy_fits(cfg, strategy)
+    check_strategy_fits(cfg, strategy, launched_world_size())
     env = init_distributed(strategy)
     try:
         return _finetune(cfg, overwrite, env, strategy)
     finally:
         shutdown(env)
-
-
-def check_strategy_fits(cfg: Config, strategy: str) -> None:
-    parts = peft_parts(cfg.peft)
-    if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
-        raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
-                        "bottleneck adapters")
-    if cfg.eval.squad is not None and launched_world_size() > 1:
-        raise UserError("eval.squad: generation during training runs in one process; run `tuneforge eval --run DIR` "
-                        "after a multi-process run")
-    if cfg.model.quantization is not None and strategy != "single":
-        raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
 
 
 def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path:
@@ -201,7 +188,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
         return run_dir
     if env.is_main:
         commit_run_dir(plan, cfg)
-    broadcast_object(None, env)  # the other ranks write checkpoint shards into the directory rank 0 just made
+    barrier(env)  # the other ranks write checkpoint shards into the directory rank 0 just made
     sink = MetricsSink(run_dir, cfg, total_steps, start_step, to_dict(cfg)) if env.is_main else None
     info = sink.info if sink else (lambda message: None)
     info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
@@ -216,7 +203,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
 
-    squad = build_training_squad(cfg, tokenizer, model, precision)
+    squad = build_training_squad(cfg, tokenizer, model, precision, env)  # under DDP the ranks share the questions
     if start_step == 0:
         baseline = validate(module, val_batches, precision, env) if val_batches else {}  # what the run improves on
         baseline.update(squad.at(0, total_steps, model) if squad else {})
