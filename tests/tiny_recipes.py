@@ -12,7 +12,8 @@ from tuneforge.config import Config, load_config
 from tuneforge.eval.sources import validation_sources
 
 # Hub model ids of the shipped recipes -> tiny_models() architecture; a recipe with a new family must be added here.
-FAMILIES = {"meta-llama/": "llama", "huggyllama/": "llama", "openai-community/gpt2": "gpt2", "google/flan-t5": "t5"}
+FAMILIES = {"meta-llama/": "llama", "huggyllama/": "llama", "openai-community/gpt2": "gpt2", "google/flan-t5": "t5",
+            "models/SmolLM2-": "llama"}  # the GGUF file `make setup` links (tests/e2e/test_real_model.py trains it)
 SAMPLES = {  # format -> (training sample, validation sample)
     "squad": (SQUAD_TRAIN, SQUAD_DEV),
     "alpaca": (REPO / "assets/data/alpaca/sample.json",) * 2,
