@@ -277,7 +277,7 @@ def cmd_generate(args) -> int:
             print(json.dumps({"prompt": prompt, "output": out}) if args.json else out)
         return 0
     from tuneforge.data import as_sources, load_records, template_for
-    from tuneforge.data.tokenize import _template_of, render_prompt
+    from tuneforge.data.tokenize import _template_of, chat_prompts_for, render_prompt
 
     source = (as_sources(cfg.data.validation) or as_sources(cfg.data.train))[0]
     if source.format == "chat":
@@ -286,7 +286,11 @@ def cmd_generate(args) -> int:
                            unanswerable=source.unanswerable, split=source.split)
     template = template_for(cfg.data, source)
     prompts = [render_prompt(_template_of(template, r), r, source.path) for r in records]
-    outputs = generate(model, tokenizer, prompts, args.max_new_tokens, precision=precision, stop_at_newline=True)
+    chat = chat_prompts_for(cfg.data, tokenizer, source.path)  # asked the way the run trained (prompt_style)
+    if chat is not None:
+        prompts = [chat.render(tokenizer, p) for p in prompts]
+    outputs = generate(model, tokenizer, prompts, args.max_new_tokens, precision=precision, stop_at_newline=True,
+                       add_special_tokens=chat is None)
     for record, out in zip(records, outputs):
         if args.json:
             print(json.dumps({"id": record.id, "output": out, "references": record.references}))

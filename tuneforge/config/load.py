@@ -263,6 +263,12 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
            origin, f"data.val_split: expected a fraction in (0, 1) or a whole number of examples, got {d.val_split}")
     _check(d.val_split is None or not d.validation, origin,
            "data.val_split: carves validation data from train only when data.validation is not given")
+    if d.prompt_style == "chat":
+        plain = [name for name, src in _data_sources(d) if src.format in ("text", "classification")]
+        _check(not plain, origin, f"data.prompt_style: chat renders prompt/answer pairs as chat turns; "
+               f"{plain[0] if plain else ''} has format text or classification, which have no prompt")
+    _check(d.system_prompt is None or d.prompt_style == "chat", origin,
+           "data.system_prompt: needs data.prompt_style: chat")
     validate_eval(cfg, origin, check_paths)
     validate_model_extras(cfg, origin, check_paths)
     if not check_paths:

@@ -156,7 +156,13 @@ class DataConfig:
     val_split: Optional[float] = doc(
         "hold out training examples as validation (no validation given): a fraction below 1 (0.05), or a number of "
         "examples (2000), taken from each source in proportion to its size", None)
-    chat_template: Optional[str] = doc("Jinja chat template for format chat when the tokenizer has none", None)
+    chat_template: Optional[str] = doc("Jinja chat template for format chat (and prompt_style chat) when the "
+                                       "tokenizer has none", None)
+    prompt_style: Literal["plain", "chat"] = doc(
+        "plain = the prompt template's text as it is; chat = the rendered prompt is the user turn and the answer the "
+        "assistant turn, through the chat template: a chat model is trained, validated, scored (eval.squad, "
+        "tuneforge eval) and shown examples (generate --examples) the way it is asked", "plain")
+    system_prompt: Optional[str] = doc("system turn before each prompt with prompt_style chat (null: none)", None)
     labels: Optional[list[str]] = doc(
         "classification: the label names in id order (integer labels in the data index them); null = the sorted "
         "distinct labels of the training data", None)

@@ -20,7 +20,8 @@ import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, dataset_fingerprint, is_hub_id, load_source_records
-from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, tokenize_chat, tokenize_records
+from tuneforge.data.tokenize import (IGNORE, Example, TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
+                                    tokenize_records)
 from tuneforge.errors import UserError
 
 CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs
@@ -174,6 +175,7 @@ def cache_key(data: DataConfig, source: DataSource, tokenizer) -> str:
              "format": source.format, "columns": source.columns, "limit": source.limit, "split": source.split,
              "unanswerable": source.unanswerable, "truncation": source.truncation,
              "template": template_for(data, source), "chat_template": data.chat_template,
+             "prompt_style": data.prompt_style, "system_prompt": data.system_prompt,
              "seq_length": data.seq_length, "train_on_inputs": data.train_on_inputs}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -234,9 +236,14 @@ def tokenize_source(data: DataConfig, source: DataSource, tokenizer, records: li
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
-        if source.format == "chat":
+        chat = chat_prompts_for(data, tokenizer, source.path) if source.format != "chat" else None
+        if chat is not None:  # prompt/answer pairs asked and answered in chat turns
+            records = fit_chat_records(records, template_for(data, source), chat, tokenizer, data.seq_length,
+                                       source.path)
+        if source.format == "chat" or chat is not None:
             examples, stats = tokenize_chat(records, tokenizer, data.seq_length, data.train_on_inputs, source.path,
-                                            source.truncation, data.chat_template, progress=bar)
+                                            source.truncation, chat.template if chat else data.chat_template,
+                                            progress=bar)
         else:
             examples, stats = tokenize_records(records, tokenizer, template_for(data, source), data.seq_length,
                                                data.train_on_inputs, source.path, source.truncation, progress=bar)

@@ -42,6 +42,55 @@ def render_prompt(template: str, record: Record, source: str) -> str:
         raise UserError(f"{source}: bad prompt_template ({e})") from None
 
 
+@dataclass(frozen=True)
+class ChatPrompts:
+    """data.prompt_style chat: a rendered prompt becomes the user turn (after an optional system turn) of the chat
+    template, and its completion the assistant turn. The template writes bos and the turn markers itself."""
+    template: str
+    system: str | None = None
+
+    def messages(self, prompt: str, completion: str | None = None) -> list[dict]:
+        turns = ([{"role": "system", "content": self.system}] if self.system else []) + \
+            [{"role": "user", "content": prompt}]
+        return turns + ([{"role": "assistant", "content": completion}] if completion is not None else [])
+
+    def render(self, tokenizer, prompt: str) -> str:
+        """The text a model continues with its answer (the generation prompt opens the assistant turn)."""
+        return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True,
+                                             chat_template=self.template)
+
+
+def chat_prompts_for(data, tokenizer, source: str = "data") -> ChatPrompts | None:
+    """The recipe's chat prompting (data.prompt_style chat), or None for plain prompts."""
+    if data.prompt_style != "chat":
+        return None
+    return ChatPrompts(_chat_template(tokenizer, data.chat_template, source, "data.prompt_style chat"),
+                       data.system_prompt)
+
+
+def fit_chat_records(records: list[Record], template: str, chat: ChatPrompts, tokenizer, seq_length: int,
+                     source: str) -> list[Record]:
+    """Records as conversations (prompt as the user turn, completion as the assistant's). A conversation longer
+    than seq_length loses text from the end of its truncatable field (the QA context), never from the answer,
+    re-rendered until it fits (a few rounds: tokens are about proportional to characters)."""
+    out = []
+    for record in records:
+        for _ in range(6):
+            prompt = render_prompt(_template_of(template, record), record, source)
+            messages = chat.messages(prompt, record.completion.strip())  # a chat answer opens its own turn
+            text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat.template)
+            excess = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - seq_length
+            field_name = record.truncatable
+            if excess <= 0 or not field_name or field_name not in record.fields or not record.fields[field_name]:
+                break
+            cut = _cut_around(record.fields[field_name], record.fields.get("answer"), excess + 2, tokenizer)
+            record = Record(dict(record.fields, **{field_name: cut}), record.completion, record.id,
+                            record.references, record.truncatable, template=record.template)
+        out.append(Record(record.fields, record.completion, record.id, record.references, record.truncatable,
+                          messages=messages, template=record.template))
+    return out
+
+
 def _template_of(template: str, record: Record) -> str:
     """Alpaca/dolly records without an input use the no-input variant of the default prompt."""
     return record.template if record.template is not None and template in _ALPACA_DEFAULTS else template
@@ -268,10 +317,10 @@ def _cut_left(ex: Example, tokenizer, seq_length: int) -> Example:
     return Example(ids, labels)
 
 
-def _chat_template(tokenizer, chat_template: str | None, source: str) -> str:
+def _chat_template(tokenizer, chat_template: str | None, source: str, what: str = "format chat") -> str:
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise UserError(f"{source}: format chat needs a chat template and the tokenizer has none; "
+        raise UserError(f"{source}: {what} needs a chat template and the tokenizer has none; "
                         f"set data.chat_template")
     return template
 

@@ -15,7 +15,7 @@ from tuneforge.config.schema import Config, DataSource
 from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
-from tuneforge.data.tokenize import _cut_around, render_prompt
+from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
@@ -31,9 +31,12 @@ def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:
     return max(8, min(seq_length, positions) - max_new_tokens)
 
 
-def fit_prompt(record: Record, template: str, tokenizer, budget: int, source: str) -> str:
+def fit_prompt(record: Record, template: str, tokenizer, budget: int, source: str, chat=None) -> str:
     """The rendered prompt, shortened to `budget` tokens. The context is cut from its end without looking at the
-    gold answer (which training may use to place its window, but an honest evaluation may not)."""
+    gold answer (which training may use to place its window, but an honest evaluation may not). With `chat`
+    (data.prompt_style chat) the prompt is the user turn of the chat template, ready for the assistant's answer."""
+    if chat is not None:
+        return _fit_chat_prompt(record, template, tokenizer, budget, source, chat)
     prompt = render_prompt(template, record, source)
     field = record.truncatable if record.truncatable in record.fields else None
     for _ in range(6):
@@ -53,6 +56,19 @@ def fit_prompt(record: Record, template: str, tokenizer, budget: int, source: st
     return prompt
 
 
+def _fit_chat_prompt(record: Record, template: str, tokenizer, budget: int, source: str, chat) -> str:
+    field = record.truncatable if record.truncatable in record.fields else None
+    for _ in range(6):
+        prompt = chat.render(tokenizer, render_prompt(template, record, source))
+        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - budget
+        if excess <= 0 or field is None or not record.fields[field]:
+            return prompt
+        text = _cut_around(record.fields[field], None, excess + 2, tokenizer)
+        record = Record(dict(record.fields, **{field: text}), record.completion, record.id, record.references,
+                        record.truncatable)
+    return prompt  # cutting the turn markers would only garble it: a prompt over budget stays whole
+
+
 @dataclass
 class SquadTask:
     """SQuAD questions with their prompts, built once and answered as often as asked (e.g. every N steps)."""
@@ -60,6 +76,7 @@ class SquadTask:
     prompts: list[str]
     max_new_tokens: int
     batch_size: int
+    add_special_tokens: bool = True  # False for chat-template prompts, which write bos themselves
 
     def answer(self, model, tokenizer, precision, rank: int = 0, world_size: int = 1) -> dict[str, str]:
         """{question_id: answer}: greedy, stopping at a newline or eos. Runs under a forked RNG and in eval mode,
@@ -73,7 +90,8 @@ class SquadTask:
         mine = [i for start in starts for i in range(start, min(start + self.batch_size, len(self.prompts)))]
         with torch.random.fork_rng(devices=devices):
             answers = generate(model, tokenizer, [self.prompts[i] for i in mine], self.max_new_tokens,
-                               self.batch_size, precision, stop_at_newline=True)
+                               self.batch_size, precision, stop_at_newline=True,
+                               add_special_tokens=self.add_special_tokens)
         model.train(was_training)
         return {self.records[i].id: a for i, a in zip(mine, answers)}
 
@@ -126,8 +144,9 @@ def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> Squad
     records = load_records(source.path, "squad", source.limit, split=source.split)
     template = template_for(cfg.data, source)
     budget = prompt_budget(model, cfg.data.seq_length, max_new_tokens)
-    prompts = [fit_prompt(r, template, tokenizer, budget, source.path) for r in records]
-    return SquadTask(records, prompts, max_new_tokens, batch_size)
+    chat = chat_prompts_for(cfg.data, tokenizer, source.path)
+    prompts = [fit_prompt(r, template, tokenizer, budget, source.path, chat) for r in records]
+    return SquadTask(records, prompts, max_new_tokens, batch_size, add_special_tokens=chat is None)
 
 
 @torch.no_grad()
@@ -192,7 +211,7 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
             raise UserError(f"{squad.path}: no such SQuAD file")
         task = build_squad_task(cfg, squad, tokenizer, model)
         scores, predictions = task.score(model, tokenizer, precision)
-        results.update(scores, squad_questions=len(task.records))
+        results.update(scores, squad_questions=len(task.records), squad_prompt=cfg.data.prompt_style)
     if len(results) == 1:
         raise UserError(f"--run {run_dir}: nothing to evaluate (no validation set or SQuAD questions); "
                         "pass --dataset FILE or --harness TASKS")

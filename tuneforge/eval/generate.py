@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria
 
 from tuneforge.config import Config, load_config
 from tuneforge.distributed import detect_env
@@ -62,25 +63,42 @@ class Sampling:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None) -> list[str]:
+             precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None,
+             add_special_tokens: bool = True) -> list[str]:
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
-    the new text of each prompt (for an encoder-decoder, what its decoder wrote)."""
+    the new text of each prompt (for an encoder-decoder, what its decoder wrote). With `stop_at_newline` an answer
+    is its first line after leading whitespace (a model that opens with a newline still answers)."""
     if sampling is not None and sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     outputs = []
     for i in range(0, len(prompts), batch_size):
         rows = generate_tokens(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, precision, sampling,
-                               stop_strings=["\n"] if stop_at_newline else None)
+                               stop_at_newline=stop_at_newline, add_special_tokens=add_special_tokens)
         for row in rows:
             text = tokenizer.decode(row, skip_special_tokens=True)
-            outputs.append(text.split("\n")[0].strip() if stop_at_newline else text)
+            outputs.append(text.lstrip().split("\n")[0].strip() if stop_at_newline else text)
     return outputs
+
+
+class AnswerLineEnds(StoppingCriteria):
+    """transformers stopping criterion: a row is done once its new text, leading whitespace aside, holds a newline
+    (a short answer is one line; an instruct model often opens its turn with a newline before it)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.start = tokenizer, None
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if self.start is None:  # first call: one token past the prompt
+            self.start = input_ids.shape[1] - 1
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
 
 
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, precision=None,
                     sampling: Sampling | None = None, stop_strings: list[str] | None = None, streamer=None,
-                    add_special_tokens: bool = True) -> list[list[int]]:
+                    add_special_tokens: bool = True, stop_at_newline: bool = False) -> list[list[int]]:
     """One batch: the new token ids of each prompt, up to (not including) its eos. Left padding keeps every
     prompt's last token at the same column, so one decode step serves the whole batch. `stop_strings` end a row
     early (the stop text itself is generated; callers cut it); `streamer` gets each step's tokens (transformers'
@@ -92,6 +110,8 @@ def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, p
     decoding = (sampling or Sampling()).generate_kwargs()
     if stop_strings:
         decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if stop_at_newline:  # a row ends at a newline after its first text, not at one it opens with
+        decoding["stopping_criteria"] = [AnswerLineEnds(tokenizer)]
     tokenizer.padding_side = "left"  # harmless for an encoder-decoder: its attention mask hides the padding
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
     with precision.context():
