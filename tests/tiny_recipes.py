@@ -50,6 +50,10 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
     out += _source_overrides("data.train", cfg.data.train, 0, 8)
     if validation_sources(cfg.data):
         out += _source_overrides("data.validation", cfg.data.validation, 1, 4)
+    if cfg.data.prompt_style == "chat" and not cfg.data.chat_template:
+        # the tiny stand-in's tokenizer has no chat template; the recipe's own model is trained with it in
+        # tests/e2e/test_real_model.py, and chat prompts are tested in tests/e2e/test_chat_prompts.py
+        out += ["data.prompt_style=plain", "data.system_prompt=null"]
     if cfg.data.val_split is not None:
         out.append(f"data.val_split={2 if cfg.data.val_split >= 1 else cfg.data.val_split}")
     if cfg.eval.squad is not None:
