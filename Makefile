@@ -36,13 +36,19 @@ quickstart: setup
 	$(BIN)/tuneforge eval --run runs/quickstart
 	$(BIN)/tuneforge report --run runs/quickstart
 
-# pytest's exit code 5 (no test collected) counts as a failure. Two pytest workers, one torch thread each
-# (tests/conftest.py): the tiny models' steps are too small for two threads to pay, so two tests at a time use the
-# two cores better than one test with two threads.
+# Two pytest workers, one torch thread each (tests/conftest.py): the tiny models' steps are too small for two threads
+# to pay, so two tests at a time use the two cores better than one test with two threads. The multi-process tests
+# (marked slow: torchrun, 2 ranks) already use both cores, and run after the rest, alone, as in earlier suites: one
+# 2-rank run in about 80 died with SIGABRT while another test ran beside it. PYTEST_MARK narrows both parts (e.g.
+# precision). pytest's exit code 5 (no test collected) counts as a failure unless the other part ran tests.
 PYTEST_WORKERS ?= 2
+PYTEST_MARK ?=
 test: setup
-	@$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+	@sel='$(PYTEST_MARK)'; \
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/python -m pytest -q -m "slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); b=$$?; \
+	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "no tests were collected"; exit 1; fi; \
+	for rc in $$a $$b; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -48,6 +48,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    # Listening now (uvicorn's backlog) means a client that connects as soon as the address is printed waits in the
+    # queue until the server accepts; a socket that is only bound refuses it (seen under load).
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
