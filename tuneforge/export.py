@@ -1,5 +1,5 @@
 """Hand a finished run to a serving engine. vLLM loads a plain HF model directory, or a base model plus a PEFT
-adapter with --enable-lora; both come straight from final/ (peft's merge_and_unload does the merging)."""
+adapter with --enable-lora; both come straight from final/ (the merged directory is `tuneforge merge`'s)."""
 from __future__ import annotations
 
 import json
@@ -21,17 +21,6 @@ def prepare_out(out: Path) -> None:
 
 def is_adapter(final: Path) -> bool:
     return (final / "adapter_config.json").is_file()
-
-
-def merge_adapter(run_dir: Path, out: Path) -> None:
-    """Base + adapter -> one model with the LoRA deltas folded into the weights, saved as safetensors."""
-    from tuneforge.eval.generate import load_run_model
-
-    model, tokenizer, _ = load_run_model(run_dir)
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
 
 
 def vllm_args(out: Path, name: str, adapter: Path | None = None, base: str | None = None,
@@ -70,7 +59,10 @@ def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False
         adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
         return vllm_command(out, name, adapter, adapter_cfg.get("base_model_name_or_path"), adapter_cfg.get("r"))
     if is_adapter(final):
-        merge_adapter(run_dir, out)
+        from tuneforge.peft.merge import merge_run
+
+        # the one merge path: a QLoRA run merges into a full-precision reload of its base, never into 4-bit weights
+        merge_run(run_dir, out)
     else:
         shutil.copytree(final, out, dirs_exist_ok=True)
     return vllm_command(out, name)

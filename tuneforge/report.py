@@ -105,13 +105,26 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
 
 
+def gguf_origin(model: str) -> str:
+    """' (dequantized from <code>FILE</code>)' when the base is tuneforge's cache of a GGUF file, whose directory
+    name (the file's stem and hash) says less than the file the recipe named; else ''."""
+    from tuneforge.models.gguf import SOURCE_FILE
+
+    try:
+        source = json.loads((Path(model) / SOURCE_FILE).read_text())["gguf_file"]
+    except (OSError, ValueError, KeyError, TypeError):  # a Hub id, a plain directory, or a cache since removed
+        return ""
+    return f" (dequantized from <code>{html.escape(str(source))}</code>)"
+
+
 def render_html(run_dir: Path, config: dict, rows: list[dict], plots: list[tuple[str, bytes]]) -> str:
     name = html.escape(str(config.get("run", {}).get("name", run_dir.name)))
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tuneforge run {name}</title>"
              f"<style>{STYLE}</style></head><body><h1>tuneforge run: {name}</h1>"]
     model = config.get("model", {}).get("name_or_path", "?")
     method = method_label(config.get("peft"))
-    parts.append(f"<p>base model <code>{html.escape(str(model))}</code>, {html.escape(str(method))}; "
+    parts.append(f"<p>base model <code>{html.escape(str(model))}</code>{gguf_origin(str(model))}, "
+                 f"{html.escape(str(method))}; "
                  f"{sum(1 for r in rows if 'loss' in r)} logged training steps.</p>")
     scores = final_scores(run_dir, rows)
     if scores:

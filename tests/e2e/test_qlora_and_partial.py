@@ -32,6 +32,11 @@ def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_rec
     run_cli("merge", "--run", str(tmp_path / "qlora"), "--out", str(merged))
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert_merged_matches_unmerged(merged, tmp_path / "qlora" / "final", probe_ids())
+    from tuneforge.export import export_vllm
+
+    export_vllm(tmp_path / "qlora", tmp_path / "vllm")  # vLLM gets that same full-precision merge, not 4-bit weights
+    exported, want = load_file(tmp_path / "vllm/model.safetensors"), load_file(merged / "model.safetensors")
+    assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
     from tuneforge.peft.merge import merge_run
 
     merge_run(tmp_path / "qlora", tmp_path / "merged-bf16", "bfloat16")

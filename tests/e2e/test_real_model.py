@@ -1,9 +1,17 @@
 """The real pretrained model `make setup` brings in through pip: SmolLM2-135M-Instruct as a GGUF file (Q4_1).
 
 One short run per session, through the shipped recipe: the GGUF file is dequantized into the cached base, a few
-LoRA steps train on it, and the adapter loads in plain peft on that base with tuneforge's own logits."""
+LoRA steps train on it, and every later path takes that one run: the adapter loads in plain peft on that base with
+tuneforge's own logits, `generate --input` and `serve` (through the openai client) give the same greedy answer,
+`merge` and `export --format vllm` write models with the adapter's logits, and `report` draws the run."""
+import copy
+import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +19,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO, read_metrics, run_cli
+from tests.e2e.test_eval_cli import report_images
 
 SMOLLM2 = REPO / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPE = REPO / "recipes/smollm2_squad_lora.yaml"
 SHORT = ["train.max_steps=3", "data.train.limit=12", "data.seq_length=128", "train.micro_batch_size=2",
          "train.global_batch_size=2", "data.validation=null", "eval.squad=null", "checkpoint.every_steps=null",
          "logging.tensorboard=false", "logging.progress=false"]
+# One SQuAD dev question, asked as the run trained: the recipe's system turn, its plain prompt as the user turn.
+SYSTEM = "Answer the question with a short phrase copied from the context."
+CONTEXT = ("The Panthers finished the regular season with a 15-1 record, and quarterback Cam Newton was named the NFL "
+           "Most Valuable Player (MVP).")
+QUESTION = "Which Carolina Panthers player was named Most Valuable Player?"
+MESSAGES = [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Context: {CONTEXT} Question: {QUESTION} Answer:"}]
+MAX_NEW = 16
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +53,21 @@ def test_the_gguf_model_trains_as_the_pretrained_model_it_is(smollm2_run):
     assert "in 30 layers" in proc.stdout, proc.stdout  # the adapter line: LoRA on every layer of the 30
 
 
-def test_the_adapter_loads_in_plain_peft_on_the_cached_base(smollm2_run):
-    from peft import PeftModel
-
+@pytest.fixture(scope="module")
+def run_model(smollm2_run):
+    """(model, tokenizer, config) as `tuneforge generate` loads them: fp32 weights, the adapter unmerged."""
     from tuneforge.eval import load_run_model
+
+    return load_run_model(smollm2_run[0])
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(run_model) -> str:
+    return run_model[1].apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
+def test_the_adapter_loads_in_plain_peft_on_the_cached_base(smollm2_run, run_model):
+    from peft import PeftModel
 
     run, _ = smollm2_run
     base = Path(json.loads((run / "final/adapter_config.json").read_text())["base_model_name_or_path"])
@@ -50,6 +78,123 @@ def test_the_adapter_loads_in_plain_peft_on_the_cached_base(smollm2_run):
     enc = tokenizer("Context: The Broncos won Super Bowl 50. Question: Who won? Answer:", return_tensors="pt")
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                       run / "final").eval()
-    ours = load_run_model(run)[0].eval()
+    ours = run_model[0]
     with torch.no_grad():
         assert torch.allclose(plain(**enc).logits, ours(**enc).logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def generated(smollm2_run, chat_prompt, tmp_path_factory) -> list[dict]:
+    """`tuneforge generate --input/--output`: the chat-rendered prompt, then the same question as template fields.
+    One prompt a batch: left padding would move the bf16 logits by a rounding, and the serve test compares greedy
+    answers token for token."""
+    folder = tmp_path_factory.mktemp("generate")
+    lines = [{"id": "chat", "prompt": chat_prompt}, {"context": CONTEXT, "question": QUESTION, "output": "Cam Newton"}]
+    (folder / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    proc = run_cli("generate", "--run", str(smollm2_run[0]), "--input", str(folder / "in.jsonl"), "--output",
+                   str(folder / "out.jsonl"), "--max-new-tokens", str(MAX_NEW), "--batch-size", "1")
+    assert proc.stdout.strip() == f"wrote 2 outputs to {folder / 'out.jsonl'}"
+    return [json.loads(line) for line in (folder / "out.jsonl").read_text().splitlines()]
+
+
+def test_generate_answers_an_input_file_line_by_line(generated, chat_prompt):
+    chat, fields = generated
+    assert chat == {"id": "chat", "prompt": chat_prompt, "output": chat["output"]}
+    assert chat["output"].strip(), chat  # the instruct model, asked through its chat template, answers
+    assert fields.keys() == {"context", "question", "reference", "output"} and fields["reference"] == "Cam Newton"
+
+
+@pytest.mark.xfail(strict=True, reason="generate --input fills the plain template for a prompt_style chat run "
+                                       "(tuneforge/eval/batch.py), unlike generate --examples and eval")
+def test_generate_asks_template_fields_the_way_the_run_trained(generated):
+    chat, fields = generated
+    assert fields["output"] == chat["output"]
+
+
+@pytest.fixture
+def served(smollm2_run):
+    """`tuneforge serve` on the run (transformers engine), stopped with Ctrl-C as a user stops it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TUNEFORGE_API_KEY="real-key", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--run", str(smollm2_run[0]), "--port", "0",
+                             "--engine", "transformers"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "engine transformers" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield line.split(" at ")[1].split()[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 0, proc.stderr.read()
+
+
+def test_serve_answers_the_openai_client_as_generate_does(served, generated, chat_prompt, run_model):
+    import openai  # the dev extra's; `make setup` installs the serve extra that the server needs
+
+    client = openai.OpenAI(base_url=served, api_key="real-key", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["smollm2-squad-lora"]
+    expected = generated[0]["output"]
+    # /v1/chat/completions renders the model's own chat template, as the run trained and generate was asked
+    chat = client.chat.completions.create(model="smollm2-squad-lora", messages=MESSAGES, max_tokens=MAX_NEW,
+                                          temperature=0)
+    assert chat.choices[0].message.content == expected and expected.strip()
+    assert chat.usage.prompt_tokens == len(run_model[1](chat_prompt, add_special_tokens=False)["input_ids"])
+    out = client.completions.create(model="smollm2-squad-lora", prompt=chat_prompt, max_tokens=MAX_NEW, temperature=0)
+    assert out.choices[0].text == expected
+    assert out.choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+@pytest.fixture(scope="module")
+def adapter_logits(run_model, chat_prompt):
+    """The unmerged adapter's logits in float64 (a copy of the fp32 weights, exactly), with the base model's: in
+    float64 a merged model differs only by the fp32 rounding of its merged weights (2e-5 here), whichever precision
+    the run trained in, while the adapter moves them by ~3 (one of its 210 modules left out: by 0.03 to 0.2)."""
+    model, tokenizer, _ = run_model
+    enc = tokenizer(chat_prompt, return_tensors="pt", add_special_tokens=False)
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        adapted = exact(**enc).logits
+        with exact.disable_adapter():
+            base = exact(**enc).logits
+    assert (adapted - base).abs().max() > 0.1
+    return enc, adapted
+
+
+def assert_gives_the_adapter_logits(model_dir: Path, adapter_logits) -> None:
+    enc, adapted = adapter_logits
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and not (model_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template  # vLLM's chat endpoint needs it
+    with torch.no_grad():
+        assert torch.allclose(merged(**enc).logits, adapted, rtol=0, atol=1e-4)
+
+
+def test_merge_writes_a_model_with_the_adapter_logits(smollm2_run, adapter_logits, tmp_path):
+    proc = run_cli("merge", "--run", str(smollm2_run[0]), "--out", str(tmp_path / "merged"))
+    assert proc.stdout.strip() == f"merged model written to {tmp_path / 'merged'}"
+    assert_gives_the_adapter_logits(tmp_path / "merged", adapter_logits)
+
+
+def test_export_vllm_writes_a_model_with_the_adapter_logits(smollm2_run, adapter_logits, tmp_path):
+    proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "vllm", "--out", str(tmp_path / "vllm"))
+    assert proc.stdout.strip() == f"vllm serve {tmp_path / 'vllm'} --served-model-name smollm2-squad-lora"
+    assert_gives_the_adapter_logits(tmp_path / "vllm", adapter_logits)
+
+
+def test_report_names_the_model_and_draws_the_loss_curve(smollm2_run):
+    import matplotlib.image as mpimg
+
+    run, _ = smollm2_run
+    proc = run_cli("report", "--run", str(run))
+    assert proc.stdout.strip() == str(run / "report.html")
+    html = (run / "report.html").read_text()
+    # the base is a cache directory named by a hash; the report also names the GGUF file it was dequantized from
+    assert f"(dequantized from <code>{SMOLLM2.resolve()}</code>), lora (rank 16, " in html
+    assert "3 logged training steps" in html
+    last = [r["loss"] for r in read_metrics(run) if "loss" in r][-1]
+    assert f"<tr><td>training (step 3)</td><td class='num'>{last:.4g}</td>" in html
+    assert "<img alt='Loss'" in html
+    loss_png = report_images(html)[0]
+    pixels = mpimg.imread(io.BytesIO(loss_png), format="png")
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01
