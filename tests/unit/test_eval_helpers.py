@@ -136,3 +136,26 @@ def test_ranks_answer_alternate_batches_and_together_answer_like_one_process():
     shares = [task.answer(model, tok, fp32, rank, 3) for rank in range(3)]
     assert [sorted(s) for s in shares] == [["q0", "q1", "q6"], ["q2", "q3"], ["q4", "q5"]]
     assert {k: v for s in shares for k, v in s.items()} == whole and len(whole) == 7
+
+
+def test_lockstep_ranks_make_as_many_synced_generate_calls_and_drop_the_padding(monkeypatch):
+    """Under FSDP2 every forward is a collective: a rank with fewer batches pads with the first question (answers
+    dropped), and every call keeps stepping until all ranks are done (synced_gpus)."""
+    import torch
+
+    from tuneforge.eval import evaluate
+
+    calls = {}
+
+    def fake_generate(model, tokenizer, prompts, *args, synced_gpus=False, **kwargs):
+        calls.setdefault(model, []).append((prompts, synced_gpus))
+        return [f"answer to {p}" for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    records = [Record({}, "", f"q{i}", ["x"]) for i in range(7)]
+    task = evaluate.SquadTask(records, [f"p{i}" for i in range(7)], max_new_tokens=5, batch_size=2)
+    shares = [task.answer(torch.nn.Linear(1, 1), None, None, rank, 3, lockstep=True) for rank in range(3)]
+    assert [len(c) for c in calls.values()] == [2, 2, 2] and all(synced for c in calls.values() for _, synced in c)
+    assert list(calls.values())[1][-1] == (["p0"], True)  # rank 1's padding call
+    assert [sorted(s) for s in shares] == [["q0", "q1", "q6"], ["q2", "q3"], ["q4", "q5"]]
+    assert shares[1] == {"q2": "answer to p2", "q3": "answer to p3"}

@@ -82,11 +82,6 @@ def check_strategy_fits(cfg: Config, strategy: str, world_size: int) -> None:
     if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
         raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
                         "bottleneck adapters")
-    if cfg.eval.squad is not None and strategy == "fsdp2" and world_size > 1:
-        # FSDP2 ranks hold shards: every forward is a collective, and ranks generating different answers would
-        # run different numbers of them. DDP ranks hold whole models and share the questions.
-        raise UserError("eval.squad: generation during training needs whole weights on every rank (ddp); with "
-                        "distributed.strategy=fsdp2 run `tuneforge eval --run DIR` after training")
     if cfg.model.quantization is not None and strategy != "single":
         raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
 
@@ -128,6 +123,12 @@ class TrainModule(nn.Module):
             return classification_loss(self.model, batch, with_logits)
         return causal_lm_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens)
 
+    def generate(self, **kwargs):
+        """The model's generate. Under FSDP2 apply_fsdp registers it as a forward of the root unit, which holds the
+        embeddings, final norm and LM head: called on the inner model, those would stay sharded (DTensors), since
+        only the decoder layers' own units gather around their forwards."""
+        return self.model.generate(**kwargs)
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: classes named in `_no_split_modules`, else the longest ModuleList."""
@@ -143,7 +144,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_dtype, reduce_dtype) -> nn.Module:
     """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, LM head). Frozen base weights
     and trainable LoRA weights of a layer live in the same unit, so each layer is one all-gather."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     env.mesh = build_mesh(env, cfg.dp_replicate)
     common = dict(mesh=env.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
@@ -153,12 +155,14 @@ def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_
     for layer in decoder_layers(module.model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **common)
     fully_shard(module, reshard_after_forward=False, **common)  # the root is needed again at once by backward
+    register_fsdp_forward_method(module, "generate")  # eval.squad: the root gathers its weights around generate
     return module
 
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module):
-    """Eval mode for forwards with no backward (validation), then training mode with every FSDP2 unit resharded.
+    """Eval mode for forwards with no backward (validation, eval.squad's generation), then training mode with every
+    FSDP2 unit resharded.
     The root is sharded with reshard_after_forward=False, so a forward leaves its weights gathered for a backward
     that never comes: the module then lists those plain, whole tensors instead of its DTensor shards, and anything
     that collects parameters before the next backward (the gradient-clipping list) misses their gradients."""
@@ -240,8 +244,23 @@ def all_reduce_sum(value: float | int, env: DistEnv) -> float:
 
 def inner_model(module: nn.Module) -> nn.Module:
     """The user's model inside the DDP / FSDP / TrainModule wrappers."""
-    module = getattr(module, "module", module)  # DDP
+    module = unwrap_ddp(module)
     return module.model if isinstance(module, TrainModule) else module
+
+
+def unwrap_ddp(module: nn.Module) -> nn.Module:
+    """The TrainModule inside DDP (generating needs no gradient sync); any other module as it is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def forwards_in_lockstep(module: nn.Module, env: DistEnv) -> bool:
+    """FSDP2 on several ranks: every forward all-gathers weight shards, so every rank must run as many forwards
+    as the others (a rank that stops early leaves the others waiting in an all-gather)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap_ddp(module), FSDPModule) and env.initialized and env.world_size > 1
 
 
 def barrier(env: DistEnv) -> None:

@@ -78,22 +78,31 @@ class SquadTask:
     batch_size: int
     add_special_tokens: bool = True  # False for chat-template prompts, which write bos themselves
 
-    def answer(self, model, tokenizer, precision, rank: int = 0, world_size: int = 1) -> dict[str, str]:
+    def answer(self, model, tokenizer, precision, rank: int = 0, world_size: int = 1,
+               lockstep: bool = False) -> dict[str, str]:
         """{question_id: answer}: greedy, stopping at a newline or eos. Runs under a forked RNG and in eval mode,
         so answering mid-training changes neither the training numerics nor the random stream. With several
         ranks, rank r answers batches r, r + world_size, ...: the very batches one process would form, so the
-        gathered answers are one process's answers."""
+        gathered answers are one process's answers. `lockstep` (FSDP2, where every forward is a collective) gives
+        every rank as many generate calls, a short share padded with the first question, whose answers are
+        dropped, and keeps each call stepping until every rank's batch is done."""
         was_training = model.training
         model.eval()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        starts = range(rank * self.batch_size, len(self.prompts), world_size * self.batch_size)
-        mine = [i for start in starts for i in range(start, min(start + self.batch_size, len(self.prompts)))]
+        mine = self.batches(rank, world_size)
+        padding = [range(1)] * (len(self.batches(0, world_size)) - len(mine)) if lockstep else []  # rank 0 has most
         with torch.random.fork_rng(devices=devices):
-            answers = generate(model, tokenizer, [self.prompts[i] for i in mine], self.max_new_tokens,
-                               self.batch_size, precision, stop_at_newline=True,
-                               add_special_tokens=self.add_special_tokens)
+            answers = [generate(model, tokenizer, [self.prompts[i] for i in batch], self.max_new_tokens,
+                                self.batch_size, precision, stop_at_newline=True,
+                                add_special_tokens=self.add_special_tokens, synced_gpus=lockstep)
+                       for batch in mine + padding]
         model.train(was_training)
-        return {self.records[i].id: a for i, a in zip(mine, answers)}
+        return {self.records[i].id: a for batch, texts in zip(mine, answers) for i, a in zip(batch, texts)}
+
+    def batches(self, rank: int, world_size: int) -> list[range]:
+        """Rank `rank`'s question batches: every world_size-th of one process's batches, from the rank-th."""
+        starts = range(rank * self.batch_size, len(self.prompts), world_size * self.batch_size)
+        return [range(start, min(start + self.batch_size, len(self.prompts))) for start in starts]
 
     def references(self) -> dict[str, list[str]]:
         return {r.id: r.references for r in self.records}
@@ -112,18 +121,22 @@ class SquadDuringTraining:
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every is not None and step % self.every == 0)
 
-    def at(self, step: int, total_steps: int, model) -> dict[str, float]:
-        """The scores at this step (empty when none are due). Under DDP every rank holds the whole model, answers
-        its share of the questions, and all ranks gather every answer before scoring."""
+    def at(self, step: int, total_steps: int, module) -> dict[str, float]:
+        """The scores at this step (empty when none are due), from the training loop's wrapped module. Every rank
+        answers its share of the questions (under FSDP2 in lockstep, with the root's weights gathered by
+        TrainModule.generate) and all ranks gather every answer before scoring."""
         if not self.due(step, total_steps):
             return {}
-        from tuneforge.distributed import all_gather_objects
+        from tuneforge.distributed import all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
 
         env = self.env
         rank, world = (env.rank, env.world_size) if env is not None and env.initialized else (0, 1)
+        lockstep = env is not None and forwards_in_lockstep(module, env)
+        with evaluating(module):  # FSDP2: generating leaves the root's weights gathered; this reshards them
+            share = self.task.answer(unwrap_ddp(module), self.tokenizer, self.precision, rank, world, lockstep)
         predictions = {}
-        for share in all_gather_objects(self.task.answer(model, self.tokenizer, self.precision, rank, world), env):
-            predictions.update(share)
+        for answers in all_gather_objects(share, env):
+            predictions.update(answers)
         return squad_scores(predictions, self.task.references())
 
 

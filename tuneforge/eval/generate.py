@@ -8,7 +8,7 @@ import torch
 from transformers import StoppingCriteria
 
 from tuneforge.config import Config, load_config
-from tuneforge.distributed import detect_env
+from tuneforge.distributed import detect_env, inner_model
 from tuneforge.errors import UserError
 from tuneforge.models import load_model, load_tokenizer, resolve_precision
 from tuneforge.models.seq2seq import is_encoder_decoder
@@ -64,16 +64,18 @@ class Sampling:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              precision=None, stop_at_newline: bool = False, sampling: Sampling | None = None,
-             add_special_tokens: bool = True) -> list[str]:
+             add_special_tokens: bool = True, synced_gpus: bool = False) -> list[str]:
     """Batched generation with KV cache and left padding (greedy unless `sampling` says otherwise); returns only
     the new text of each prompt (for an encoder-decoder, what its decoder wrote). With `stop_at_newline` an answer
-    is its first line after leading whitespace (a model that opens with a newline still answers)."""
+    is its first line after leading whitespace (a model that opens with a newline still answers). `synced_gpus`
+    (transformers' option, for sharded weights) keeps this rank stepping until every rank's batch is done."""
     if sampling is not None and sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     outputs = []
     for i in range(0, len(prompts), batch_size):
         rows = generate_tokens(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, precision, sampling,
-                               stop_at_newline=stop_at_newline, add_special_tokens=add_special_tokens)
+                               stop_at_newline=stop_at_newline, add_special_tokens=add_special_tokens,
+                               synced_gpus=synced_gpus)
         for row in rows:
             text = tokenizer.decode(row, skip_special_tokens=True)
             outputs.append(text.lstrip().split("\n")[0].strip() if stop_at_newline else text)
@@ -98,12 +100,15 @@ class AnswerLineEnds(StoppingCriteria):
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, precision=None,
                     sampling: Sampling | None = None, stop_strings: list[str] | None = None, streamer=None,
-                    add_special_tokens: bool = True, stop_at_newline: bool = False) -> list[list[int]]:
+                    add_special_tokens: bool = True, stop_at_newline: bool = False,
+                    synced_gpus: bool = False) -> list[list[int]]:
     """One batch: the new token ids of each prompt, up to (not including) its eos. Left padding keeps every
     prompt's last token at the same column, so one decode step serves the whole batch. `stop_strings` end a row
     early (the stop text itself is generated; callers cut it); `streamer` gets each step's tokens (transformers'
-    BaseStreamer protocol). Seeding is the caller's: a seed covers all the batches it makes."""
-    if is_classifier(model):
+    BaseStreamer protocol). Seeding is the caller's: a seed covers all the batches it makes. `model` may be the
+    training loop's TrainModule, whose generate gathers FSDP2's root weights; its inner model answers the rest."""
+    inner = inner_model(model)
+    if is_classifier(inner):
         raise UserError("generate: this run trained a sequence classifier, which predicts labels, not text; score "
                         "it with `tuneforge eval --run DIR` (accuracy, macro-F1)")
     precision = precision or resolve_precision("float32", detect_env().device)
@@ -113,14 +118,15 @@ def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, p
     if stop_at_newline:  # a row ends at a newline after its first text, not at one it opens with
         decoding["stopping_criteria"] = [AnswerLineEnds(tokenizer)]
     tokenizer.padding_side = "left"  # harmless for an encoder-decoder: its attention mask hides the padding
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(model.device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(inner.device)
     with precision.context():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, **decoding, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             synced_gpus=synced_gpus)
     rows = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     # a causal LM returns prompt + new tokens; an encoder-decoder only its decoder's (after the start token)
-    for row in out[:, 1 if is_encoder_decoder(model) else enc["input_ids"].shape[1]:].tolist():
+    for row in out[:, 1 if is_encoder_decoder(inner) else enc["input_ids"].shape[1]:].tolist():
         # A finished row (eos or stop string) is filled with pad tokens until the longest row ends.
         row = row[:row.index(eos)] if eos in row else row
         while row and row[-1] == pad:

@@ -203,10 +203,10 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {start_step} from {resume_from}" if resume_from else ""))
 
-    squad = build_training_squad(cfg, tokenizer, model, precision, env)  # under DDP the ranks share the questions
+    squad = build_training_squad(cfg, tokenizer, model, precision, env)  # the ranks share the questions
     if start_step == 0:
         baseline = validate(module, val_batches, precision, env) if val_batches else {}  # what the run improves on
-        baseline.update(squad.at(0, total_steps, model) if squad else {})
+        baseline.update(squad.at(0, total_steps, module) if squad else {})
         if baseline and sink:
             sink.log(0, baseline)
 
@@ -267,7 +267,7 @@ def _finetune(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Path
             if val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
                 metrics.update(validate(module, val_batches, precision, env))
             if squad is not None:
-                metrics.update(squad.at(step, total_steps, model))
+                metrics.update(squad.at(step, total_steps, module))
             if metrics and sink:
                 sink.log(step, metrics)
             if all_reduce_sum(stop.requested, env):  # every rank stops at the same step boundary
