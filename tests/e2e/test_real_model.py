@@ -104,8 +104,6 @@ def test_generate_answers_an_input_file_line_by_line(generated, chat_prompt):
     assert fields.keys() == {"context", "question", "reference", "output"} and fields["reference"] == "Cam Newton"
 
 
-@pytest.mark.xfail(strict=True, reason="generate --input fills the plain template for a prompt_style chat run "
-                                       "(tuneforge/eval/batch.py), unlike generate --examples and eval")
 def test_generate_asks_template_fields_the_way_the_run_trained(generated):
     chat, fields = generated
     assert fields["output"] == chat["output"]
