@@ -54,7 +54,11 @@ def apply_finetuning(model, cfg: Config):
     elif cfg.distributed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if cfg.peft is not None:
-        return apply_peft(model, cfg.peft)
+        from tuneforge.peft.lora_forward import use_in_place_lora_forward
+
+        model = apply_peft(model, cfg.peft)
+        use_in_place_lora_forward(model)  # same values, no output-sized temporaries (see lora_forward.py)
+        return model
     if cfg.train.trainable is not None:
         from tuneforge.peft.freeze import apply_trainable
 

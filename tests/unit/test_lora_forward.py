@@ -1,0 +1,61 @@
+"""The in-place LoRA forward (tuneforge/peft/lora_forward.py) computes peft's values and gradients."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tuneforge.peft.lora_forward import use_in_place_lora_forward
+
+
+def two_layer_lora(**lora):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    # init_lora_weights=False: B is random too, so the gradient of A is not zero and is compared as well
+    return get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"], init_lora_weights=False,
+                                           **lora))
+
+
+def grads_of(model, x):
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_in_place_forward_gives_peft_outputs_and_gradients():
+    peft_model = two_layer_lora(lora_dropout=0.0)
+    ours = copy.deepcopy(peft_model)
+    assert use_in_place_lora_forward(ours) == 2
+    x = torch.randn(3, 5, 8)
+    (want, want_grads), (got, got_grads) = grads_of(peft_model, x), grads_of(ours, x)
+    # one fused multiply-add instead of a product, a scaling and a sum: equal to fp32 rounding
+    assert torch.allclose(want, got, rtol=1e-6, atol=1e-6) and not torch.allclose(want, got * 1.0001, rtol=1e-6)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 4
+    for name in want_grads:
+        assert torch.allclose(want_grads[name], got_grads[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_disabled_adapters_and_bf16_autocast_follow_peft():
+    peft_model = two_layer_lora()
+    ours = copy.deepcopy(peft_model)
+    use_in_place_lora_forward(ours)
+    x = torch.randn(4, 8)
+    with torch.no_grad(), ours.disable_adapter(), peft_model.disable_adapter():
+        assert torch.equal(ours(x), peft_model(x))  # the base model alone (peft's own forward path)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = peft_model(x), ours(x)
+    # one rounding of base + scaled update instead of three: equal to bf16 precision, not bit for bit
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_bias": True}])
+def test_lora_variants_keep_peft_forward(lora):
+    model = two_layer_lora(**lora)
+    assert use_in_place_lora_forward(model) == (0 if lora.get("lora_bias") else 2)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            m.__dict__.pop("forward", None)  # peft's own forward again
+        assert torch.equal(model(x), reference(x))
