@@ -33,7 +33,7 @@ PROMPTS = ["Once upon a time, there was a little", "The cat and the dog", "Lily 
 
 def train_run(work: Path) -> Path:
     overrides = [f"run.output_dir={work}", "run.name=bench-serve", f"model.name_or_path={STORIES}",
-                 "model.dtype=float32", "data.train.limit=16", "data.validation=null", "data.seq_length=128",
+                 "model.dtype=float32", "data.prompt_style=plain", "data.train.limit=16", "data.validation=null", "data.seq_length=128",
                  "train.micro_batch_size=8", "train.global_batch_size=8", "train.max_steps=2", "eval.squad=null",
                  "logging.tensorboard=false", "logging.progress=false", "checkpoint.every_steps=null"]
     subprocess.run([sys.executable, "-m", "tuneforge", "finetune", "-c", str(REPO / "recipes/quickstart.yaml"),

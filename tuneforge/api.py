@@ -1,7 +1,7 @@
 """The Python API for notebooks and scripts: the same four steps as the command line, as functions.
 
     from tuneforge import finetune, evaluate, generate, load_config
-    run = finetune("recipes/quickstart.yaml", ["train.max_steps=20"])
+    run = finetune("recipes/quickstart.yaml", ["train.max_steps=10"])
     scores = evaluate(run)
     answers = generate(run, ["Context: ... Question: ... Answer:"])
 """

@@ -107,8 +107,9 @@ def check_launch(argv: list[str], monkeypatch, capsys) -> None:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """A scratch directory that sees the shipped recipes and assets, plus the files the README's examples name."""
-    for name in ("assets", "recipes"):
+    """A scratch directory that sees the shipped recipes and assets, the model `make setup` links at models/ (a
+    launch check resolves the quickstart's GGUF file, as the launcher does), plus the files the examples name."""
+    for name in ("assets", "recipes", "models"):
         (tmp_path / name).symlink_to(REPO / name)
     shutil.copy(SQUAD_DEV, tmp_path / "other_dev.json")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Context: Tom has a red ball. Question: What does Tom have? '

