@@ -13,10 +13,11 @@ from tuneforge.errors import UserError
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def prepare_out(out: Path) -> None:
+def check_out(out: Path) -> None:
+    """`--out` may be new or an empty directory; it is created only when something is written into it, so a run
+    that cannot be exported leaves nothing behind."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty directory")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def is_adapter(final: Path) -> bool:
@@ -52,10 +53,10 @@ def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False
     if keep_adapter and not is_adapter(final):
         raise UserError(f"--keep-adapter: {final} holds a full fine-tune, not an adapter; export it without "
                         "--keep-adapter")
-    prepare_out(out)
+    check_out(out)
     if keep_adapter:
         adapter = out / "adapter"
-        shutil.copytree(final, adapter)
+        shutil.copytree(final, adapter, dirs_exist_ok=True)
         adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
         return vllm_command(out, name, adapter, adapter_cfg.get("base_model_name_or_path"), adapter_cfg.get("r"))
     if is_adapter(final):

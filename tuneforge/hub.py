@@ -46,6 +46,17 @@ def _scores_table(run_dir: Path) -> list[str]:
     return lines
 
 
+def _base_label(base: str) -> str:
+    """The base as a reader of the card knows it: a GGUF file's name and hash, not tuneforge's local cache path."""
+    from tuneforge.models.gguf import gguf_origin
+
+    origin = gguf_origin(base)
+    if origin is None:
+        return f"`{base}`"
+    return (f"`{Path(origin['gguf_file']).name}` (a GGUF file, sha256 `{origin['sha256']}`, dequantized to fp32 by "
+            "tuneforge)")
+
+
 def build_model_card(run_dir: str | Path) -> str:
     from tuneforge.models.seq2seq import is_seq2seq_output  # imports torch: not at the CLI's start
 
@@ -63,7 +74,7 @@ def build_model_card(run_dir: str | Path) -> str:
     method = method_label(peft)
     name = config.get("run", {}).get("name", run_dir.name)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"Fine-tuned from `{base}` with tuneforge: {method}.", ""]
+             f"Fine-tuned from {_base_label(base)} with tuneforge: {method}.", ""]
     if peft:
         auto = "AutoPeftModelForSeq2SeqLM" if seq2seq else "AutoPeftModelForCausalLM"
         lines += ["```python", f"from peft import {auto}", f"model = {auto}.from_pretrained(\"<this repo>\")", "```", ""]

@@ -105,16 +105,13 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
 
 
-def gguf_origin(model: str) -> str:
+def gguf_note(model: str) -> str:
     """' (dequantized from <code>FILE</code>)' when the base is tuneforge's cache of a GGUF file, whose directory
     name (the file's stem and hash) says less than the file the recipe named; else ''."""
-    from tuneforge.models.gguf import SOURCE_FILE
+    from tuneforge.models.gguf import gguf_origin
 
-    try:
-        source = json.loads((Path(model) / SOURCE_FILE).read_text())["gguf_file"]
-    except (OSError, ValueError, KeyError, TypeError):  # a Hub id, a plain directory, or a cache since removed
-        return ""
-    return f" (dequantized from <code>{html.escape(str(source))}</code>)"
+    origin = gguf_origin(model)
+    return f" (dequantized from <code>{html.escape(origin['gguf_file'])}</code>)" if origin else ""
 
 
 def render_html(run_dir: Path, config: dict, rows: list[dict], plots: list[tuple[str, bytes]]) -> str:
@@ -123,7 +120,7 @@ def render_html(run_dir: Path, config: dict, rows: list[dict], plots: list[tuple
              f"<style>{STYLE}</style></head><body><h1>tuneforge run: {name}</h1>"]
     model = config.get("model", {}).get("name_or_path", "?")
     method = method_label(config.get("peft"))
-    parts.append(f"<p>base model <code>{html.escape(str(model))}</code>{gguf_origin(str(model))}, "
+    parts.append(f"<p>base model <code>{html.escape(str(model))}</code>{gguf_note(str(model))}, "
                  f"{html.escape(str(method))}; "
                  f"{sum(1 for r in rows if 'loss' in r)} logged training steps.</p>")
     scores = final_scores(run_dir, rows)

@@ -1,5 +1,6 @@
 """Every row of the bad-input matrix (docs/bad-input.md): exit 2, one line, the documented message."""
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,9 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert case.expect in err[0], err[0]
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert [p for p in before if p not in after] == []  # nothing already there was removed
+    if "--out" in argv:  # and a refused export or merge leaves no output behind, not even an empty directory
+        out = Path(argv[argv.index("--out") + 1])
+        assert out.relative_to(tmp_path) in before or not out.exists(), out
 
 
 def test_matrix_has_forty_cases_and_the_page_is_current():

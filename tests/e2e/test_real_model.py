@@ -217,3 +217,13 @@ def test_eval_scores_equal_an_independent_squad_implementation(smollm2_run):
     assert 0 < ours["squad_em"] < 100 and 0 < ours["squad_f1"] < 100, ours
     assert ours["squad_em"] == pytest.approx(float(theirs["exact_match"]), abs=1e-4)
     assert ours["squad_f1"] == pytest.approx(float(theirs["f1"]), abs=1e-4)
+
+
+def test_model_card_names_the_gguf_file_not_the_local_cache(smollm2_run):
+    from tuneforge.hub import build_model_card
+
+    card = build_model_card(smollm2_run[0])
+    assert ("Fine-tuned from `SmolLM2-135M-Instruct.Q4_1.gguf` (a GGUF file, sha256 "
+            "`b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53`, dequantized to fp32 by tuneforge)"
+            ) in card, card
+    assert "base_model:" not in card.split("---")[1]  # a local base links to no Hub page

@@ -23,6 +23,16 @@ log = logging.getLogger("tuneforge")
 SOURCE_FILE = "tuneforge_gguf_source.json"  # beside the cached model: which file it came from
 
 
+def gguf_origin(model_dir: str) -> dict | None:
+    """{"gguf_file", "sha256"} when `model_dir` is tuneforge's cache of a GGUF file; None for a Hub id, a plain
+    directory, or a cache since removed."""
+    try:
+        source = json.loads((Path(model_dir) / SOURCE_FILE).read_text())
+        return {"gguf_file": str(source["gguf_file"]), "sha256": str(source["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def is_gguf_source(m: ModelConfig) -> bool:
     return bool(m.gguf_file) or str(m.name_or_path).lower().endswith(".gguf")
 
