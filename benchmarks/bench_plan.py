@@ -3,7 +3,7 @@
     python benchmarks/bench_plan.py [--steps 10]
 
 Three recipe sizes, each planned (`tuneforge plan`) and then trained for --steps steps in a fresh process whose
-peak RSS comes from the kernel (wait4): the shipped quickstart (SmolLM2-135M-Instruct, LoRA, packing, micro 4 x 512) and
+peak RSS comes from the kernel (wait4): the shipped quickstart (SmolLM2-135M-Instruct, LoRA, packing, micro 2 x 512, accumulation 2) and
 the bench_sft.py model (77M-parameter Llama, GPT-2 vocabulary) with LoRA and packing (micro 8 x 512) and with full
 fine-tuning and packing (micro 4 x 512). The plan counts full rows of seq_length, which packing trains.
 """
@@ -26,7 +26,7 @@ def recipes(work: Path) -> dict[str, tuple[str, list[str]]]:
     data = [f"data.train.path={work / 'squad_io.jsonl'}", "data.train.format=input_output", "data.validation=null",
             "data.seq_length=512", f"model.name_or_path={model}", "eval.squad=null", "data.prompt_style=plain"]
     return {
-        "quickstart (SmolLM2-135M, LoRA, packing, micro 4 x 512)": ("recipes/quickstart.yaml", ["eval.squad=null"]),
+        "quickstart (SmolLM2-135M, LoRA, packing, micro 2 x 512, accumulation 2)": ("recipes/quickstart.yaml", ["eval.squad=null"]),
         "77M Llama, LoRA, packing, micro 8 x 512": (
             "recipes/quickstart.yaml", data + ["data.batching=packing", "train.micro_batch_size=8",
                                                "train.global_batch_size=8"]),
