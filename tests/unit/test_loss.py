@@ -2,10 +2,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tuneforge.checkpoint.state import TrainState
 from tuneforge.config.schema import PeftConfig
 from tuneforge.data import IGNORE
-from tuneforge.models import causal_lm_loss
+from tuneforge.distributed import DistEnv, TrainModule
+from tuneforge.models import causal_lm_loss, resolve_precision
 from tuneforge.peft import apply_peft
+from tuneforge.train.recipe import accumulate_gradients, train_step
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
 
@@ -33,7 +36,8 @@ def test_head_on_labelled_positions_equals_full_forward(arch, tiny_models):
 
 
 def test_accumulation_equals_bigger_batch(tiny_models):
-    """Two micro-batches, each divided by the step's total label tokens, give the big batch's gradient."""
+    """Two micro-batches through the recipe's own step, each divided by the step's total label tokens, give the
+    big batch's loss and gradient; one optimizer step from either gives the same weights."""
     torch.manual_seed(0)
     model = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.float32),
                        PeftConfig(lora_rank=4, lora_alpha=8))
@@ -43,22 +47,36 @@ def test_accumulation_equals_bigger_batch(tiny_models):
     big = batch(rows=8, seed=1)
     big["labels"][3, 8:12] = IGNORE  # micro-batches with different token counts
     params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    module, env, fp32 = TrainModule(model), DistEnv(), resolve_precision("float32", "cpu")
 
     def grads(micro_batches):
         model.zero_grad()
-        tokens = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
-        loss = 0.0
-        for mb in micro_batches:
-            part = causal_lm_loss(model, mb) / tokens
-            part.backward()
-            loss += float(part)
+        loss, tokens = accumulate_gradients(module, micro_batches, fp32, env)
+        assert tokens == int((big["labels"][:, 1:] != IGNORE).sum())
         return loss, [p.grad.clone() for p in params]
+
+    def stepped(micro_batches):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        model.zero_grad()
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        state = TrainState(module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
+        result = train_step(state, micro_batches, fp32, env, params, grad_clip=None)
+        assert result.healthy and state.step == 1
+        return result.loss, [p.detach().clone() for p in params]
 
     halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
     loss_a, g_a = grads([big])
     loss_b, g_b = grads(halves)
     assert abs(loss_a - loss_b) < 1e-6
     for a, b_ in zip(g_a, g_b):
+        assert torch.allclose(a, b_, atol=1e-7, rtol=1e-5)
+    (loss_a, w_a), (loss_b, w_b) = stepped([big]), stepped(halves)
+    assert abs(loss_a - loss_b) < 1e-6
+    for a, b_, p0 in zip(w_a, w_b, start):
+        assert not torch.equal(a, p0)  # the step moved every adapter weight
         assert torch.allclose(a, b_, atol=1e-7, rtol=1e-5)
 
 

@@ -9,7 +9,7 @@ from tuneforge.data import DEFAULT_TEMPLATES, IGNORE, load_records, tokenize_rec
 from tuneforge.data.loader import Collator, PackedCollator, build_eval_batches, pack_rows
 from tuneforge.models import causal_lm_loss, count_label_tokens, resolve_precision
 from tuneforge.distributed import DistEnv, TrainModule
-from tuneforge.train.recipe import validate
+from tuneforge.eval.validate import validate
 from tests.conftest import SQUAD_DEV, STORIES
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)

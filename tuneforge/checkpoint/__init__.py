@@ -1,42 +1,31 @@
 """Resumable training state, written atomically.
 
-checkpoints/step_N/ holds the trainable weights (safetensors), the optimizer, scheduler, RNG and data-loader state
-(torch.save, loaded with weights_only=True) and a manifest of file sizes and hashes. It is written to a temporary
-directory and renamed into place, then LATEST is replaced atomically, so a crash at any moment leaves the newest
-complete checkpoint discoverable."""
+checkpoints/step_N/ holds a TrainState (checkpoint/state.py): the trainable weights (safetensors), the optimizer,
+scheduler, RNG and data-loader state (torch.save, loaded with weights_only=True) and a manifest of file sizes and
+hashes. It is written to a temporary directory and renamed into place, then LATEST is replaced atomically, so a
+crash at any moment leaves the newest complete checkpoint discoverable."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from tuneforge.checkpoint.state import TrainState
+from tuneforge.distributed import DistEnv, barrier, inner_model
 from tuneforge.errors import UserError
 
 log = logging.getLogger("tuneforge")
 
 WEIGHTS, STATE, MANIFEST, LATEST = "trainable.safetensors", "state.pt", "manifest.json", "LATEST"
 SHARDED = "dcp"  # torch.distributed.checkpoint directory of a multi-process run (model/adapter + optimizer shards)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -68,36 +57,35 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loader, meta: dict,
-                    keep_last: int | None) -> Path:
-    """Single process: trainable weights as safetensors, the rest with torch.save (tensors and plain data only)."""
-    tmp = _fresh_tmp(ckpt_root, step)
+def save_checkpoint(ckpt_root: Path, state: TrainState, meta: dict, keep_last: int | None,
+                    env: DistEnv | None = None) -> Path | None:
+    """Write `state` as checkpoints/step_N and point LATEST at it; returns its path (None on ranks other than 0).
+    One process writes the trainable weights as safetensors and the rest with torch.save (tensors and plain data
+    only); under torchrun every rank writes its shards (torch.distributed.checkpoint) and its own progress."""
+    env = env or DistEnv()
+    if env.initialized:
+        return _save_sharded(ckpt_root, state, meta, keep_last, env)
+    tmp = _fresh_tmp(ckpt_root, state.step)
     try:
-        save_file(trainable_state(model), tmp / WEIGHTS)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "loader": loader.state_dict(), "rng": rng_state(), "step": step}, tmp / STATE)
-        return _publish(ckpt_root, tmp, step, meta, keep_last)
+        save_file(trainable_state(inner_model(state.module)), tmp / WEIGHTS)
+        torch.save({"optimizer": state.optimizer.state_dict(), **state.progress()}, tmp / STATE)
+        return _publish(ckpt_root, tmp, state.step, meta, keep_last)
     except BaseException:  # a second Ctrl-C or a full disk mid-write: leave no half checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_sharded_checkpoint(ckpt_root: Path, step: int, module, optimizer, scheduler, loader, meta: dict,
-                            keep_last: int | None, env) -> Path | None:
-    """Every rank writes its shards of the trainable weights and optimizer state (torch.distributed.checkpoint)
-    and its own data position and RNG; rank 0 then hashes, publishes and points LATEST at it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    from tuneforge.distributed import barrier
-
-    tmp = _fresh_tmp(ckpt_root, step, shared=True, env=env)
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+def _save_sharded(ckpt_root: Path, state: TrainState, meta: dict, keep_last: int | None, env: DistEnv) -> Path | None:
+    """Every rank writes its shards of the trainable weights and optimizer state and its own progress; rank 0 then
+    hashes, publishes and points LATEST at it."""
+    tmp = _fresh_tmp(ckpt_root, state.step, shared=True, env=env)
+    model_sd, optim_sd = get_state_dict(state.module, state.optimizer,
+                                        options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED))
-    torch.save({"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                "step": step}, tmp / f"rank_{env.rank}.pt")
+    torch.save(state.progress(), tmp / f"rank_{env.rank}.pt")
     barrier(env)
-    final = _publish(ckpt_root, tmp, step, {**meta, "world_size": env.world_size}, keep_last) if env.is_main else None
+    final = (_publish(ckpt_root, tmp, state.step, {**meta, "world_size": env.world_size}, keep_last)
+             if env.is_main else None)
     barrier(env)
     return final
 
@@ -110,7 +98,6 @@ def _fresh_tmp(ckpt_root: Path, step: int, shared: bool = False, env=None) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     if shared:
-        from tuneforge.distributed import barrier
         barrier(env)
     return tmp
 
@@ -192,36 +179,6 @@ def find_latest(ckpt_root: Path) -> Path | None:
     return None
 
 
-def load_sharded_checkpoint(ckpt: Path, module, optimizer, scheduler, loader, env) -> int:
-    """Counterpart of save_sharded_checkpoint; needs the world size the checkpoint was written with."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-    problem = verify(ckpt)
-    if problem is not None:
-        raise UserError(f"checkpoint {ckpt}: {problem}")
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    if not (ckpt / SHARDED).is_dir():
-        raise UserError(f"checkpoint {ckpt}: written by a single process; resume it with one process "
-                        "(or start a new run with model weights from it)")
-    if manifest.get("world_size") != env.world_size:
-        raise UserError(f"checkpoint {ckpt}: written by {manifest.get('world_size')} processes, "
-                        f"resumed with {env.world_size}; resume with the same number of processes")
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt / SHARDED))
-    # strict=False: frozen weights are not in the checkpoint (they come from the base model); every trainable one
-    # is, or dcp.load above would have failed.
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    mine = torch.load(ckpt / f"rank_{env.rank}.pt", weights_only=True)
-    scheduler.load_state_dict(mine["scheduler"])
-    loader.load_state_dict(mine["loader"])
-    set_rng_state(mine["rng"])
-    return int(mine["step"])
-
-
 def shape_mismatch(found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> str | None:
     """How saved tensors ({name: shape}) first differ from what `whose` ('this model') needs, a wrong shape first
     (the most telling); None when they agree."""
@@ -242,25 +199,46 @@ def check_tensors_fit(path: Path, found: dict[str, tuple], expected: dict[str, t
                         "model.name_or_path and peft settings, or start over with --overwrite")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, loader) -> int:
-    """Restore everything save_checkpoint wrote; returns the step to continue after."""
+def load_checkpoint(ckpt: Path, state: TrainState, env: DistEnv | None = None) -> None:
+    """Restore into `state` everything save_checkpoint wrote (state.step included). A checkpoint resumes with the
+    number of processes that wrote it."""
+    env = env or DistEnv()
     problem = verify(ckpt)
     if problem is not None:
         raise UserError(f"checkpoint {ckpt}: {problem}")
+    if env.initialized:
+        _load_sharded(ckpt, state, env)
+        return
     if not (ckpt / WEIGHTS).is_file():
         raise UserError(f"checkpoint {ckpt}: written by a multi-process run; resume it with the same number "
                         "of processes")
     weights = load_file(ckpt / WEIGHTS)
-    params = dict(model.named_parameters())
+    params = dict(inner_model(state.module).named_parameters())
     # copy_ would broadcast a smaller tensor silently, and a missing one would keep its fresh initialisation
     expected = {n: tuple(p.shape) for n, p in params.items() if p.requires_grad or n in weights}
     check_tensors_fit(ckpt / WEIGHTS, {n: tuple(t.shape) for n, t in weights.items()}, expected, "this model")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = torch.load(ckpt / STATE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    return int(state["step"])
+    saved = torch.load(ckpt / STATE, weights_only=True)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.load_progress(saved)
+
+
+def _load_sharded(ckpt: Path, state: TrainState, env: DistEnv) -> None:
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    if not (ckpt / SHARDED).is_dir():
+        raise UserError(f"checkpoint {ckpt}: written by a single process; resume it with one process "
+                        "(or start a new run with model weights from it)")
+    if manifest.get("world_size") != env.world_size:
+        raise UserError(f"checkpoint {ckpt}: written by {manifest.get('world_size')} processes, "
+                        f"resumed with {env.world_size}; resume with the same number of processes")
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(state.module, state.optimizer, options=options)
+    shards = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(shards, checkpoint_id=str(ckpt / SHARDED))
+    # strict=False: frozen weights are not in the checkpoint (they come from the base model); every trainable one
+    # is, or dcp.load above would have failed.
+    set_state_dict(state.module, state.optimizer, model_state_dict=shards["model"],
+                   optim_state_dict=shards["optimizer"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    state.load_progress(torch.load(ckpt / f"rank_{env.rank}.pt", weights_only=True))

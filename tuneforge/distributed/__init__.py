@@ -16,6 +16,7 @@ from torch import nn
 
 from tuneforge.config.schema import Config, DistributedConfig
 from tuneforge.errors import UserError
+from tuneforge.models.loss import training_loss
 from tuneforge.peft.validate import peft_parts
 
 log = logging.getLogger("tuneforge")
@@ -101,27 +102,17 @@ def build_mesh(env: DistEnv, dp_replicate: int):
 
 class TrainModule(nn.Module):
     """The model plus tuneforge's loss in one forward, so the DDP / FSDP hooks run around exactly what trains
-    (the loss calls the backbone and the LM head directly, on labelled positions only)."""
+    (the loss calls the backbone and the LM head directly, on labelled positions only). Which loss a batch gets is
+    models.loss.training_loss's decision."""
 
     def __init__(self, model: nn.Module, loss_chunk_tokens: int = 1024, head_on_labels_only: bool = True):
         super().__init__()
         self.model = model
         self.loss_chunk_tokens, self.full_forward = loss_chunk_tokens, not head_on_labels_only
-        from tuneforge.models.classify import is_classifier
-
-        self.classifier = is_classifier(model)
 
     def forward(self, batch: dict[str, torch.Tensor], with_logits: bool = False):
-        from tuneforge.models.loss import causal_lm_loss
-        from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
-
-        if is_seq2seq_batch(batch):
-            return seq2seq_loss(self.model, batch)
-        if self.classifier:  # one label per sequence; with_logits also gives the predictions (validation)
-            from tuneforge.models.classify import classification_loss
-
-            return classification_loss(self.model, batch, with_logits)
-        return causal_lm_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens)
+        return training_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens,
+                             with_logits=with_logits)
 
     def generate(self, **kwargs):
         """The model's generate. Under FSDP2 apply_fsdp registers it as a forward of the root unit, which holds the

@@ -165,7 +165,7 @@ def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> Squad
 @torch.no_grad()
 def loss_on(model, batches, precision) -> dict[str, float]:
     from tuneforge.distributed import DistEnv, TrainModule
-    from tuneforge.train.recipe import validate
+    from tuneforge.eval.validate import validate
 
     # the training loop's own validation: the same loss code, on this process's device
     scores = validate(TrainModule(model), batches, precision, DistEnv(device=str(model.device)))

@@ -12,13 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
+from tuneforge.models.classify import classification_loss, is_classifier
+from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
 
 _UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
 
 
-def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    from tuneforge.models.seq2seq import is_seq2seq_batch
+def training_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = False, chunk_tokens: int = 1024,
+                  with_logits: bool = False):
+    """The summed (not averaged) loss of one batch, whatever the model: the one place that decides which loss a
+    batch gets. The caller divides by count_label_tokens summed over the whole step (all micro-batches and ranks),
+    which counts the same positions this sums over. `with_logits` (classifiers, for validation) also returns the
+    counted rows' logits and label ids."""
+    if is_seq2seq_batch(batch):
+        return seq2seq_loss(model, batch)
+    if is_classifier(model):  # one label per sequence
+        return classification_loss(model, batch, with_logits)
+    return causal_lm_loss(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)
 
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The positions training_loss sums over: what a step's loss is divided by."""
     if is_seq2seq_batch(batch):  # decoder labels line up with the decoder inputs: every one is a target
         return int((batch["labels"] != IGNORE).sum())
     return int((batch["labels"][:, 1:] != IGNORE).sum())
