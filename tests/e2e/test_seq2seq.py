@@ -122,7 +122,7 @@ def test_adapter_reloads_in_plain_peft_and_merges(runs, tmp_path):
     tokenizer = load_tokenizer(cfg.model, str(final))
     data = prepare_source(cfg.data, cfg.data.validation, tokenizer)
     batches = build_eval_batches(data.examples, 4, tokenizer.pad_token_id,
-                                 collate_fn=build_seq2seq_collator(plain, tokenizer))
+                                 collate_fn=build_seq2seq_collator(plain.config, tokenizer))
     with torch.no_grad():
         loss = sum(float(seq2seq_loss(plain, b)) for b in batches) / sum(count_label_tokens(b) for b in batches)
     assert loss == pytest.approx(read_metrics(runs["lora"])[-1]["val_loss"], rel=1e-6)

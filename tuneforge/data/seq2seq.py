@@ -54,13 +54,11 @@ def appends_eos(tokenizer) -> bool:
     return eos is not None and tokenizer("a")["input_ids"][-1:] == [eos]
 
 
-def build_seq2seq_collator(model, tokenizer, batching: str = "pad_longest", seq_length: int | None = None):
-    """The collator of an encoder-decoder model; None for any other model (the caller keeps its own)."""
-    from tuneforge.models.seq2seq import is_encoder_decoder, model_config
-
-    if not is_encoder_decoder(model):
+def build_seq2seq_collator(config, tokenizer, batching: str = "pad_longest", seq_length: int | None = None):
+    """The collator of an encoder-decoder model, given its transformers config (models.seq2seq.model_config); None
+    for any other model (the caller keeps its own)."""
+    if not getattr(config, "is_encoder_decoder", False):
         return None
-    config = model_config(model)
     start = config.decoder_start_token_id
     if start is None:
         start = tokenizer.pad_token_id

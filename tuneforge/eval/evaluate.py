@@ -180,7 +180,7 @@ def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSo
     for i, (name, source) in enumerate(sources):
         data = prepare_source(cfg.data, source, tokenizer)
         batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id,
-                                     collate_fn=build_seq2seq_collator(model, tokenizer))
+                                     collate_fn=build_seq2seq_collator(model.config, tokenizer))
         scores = loss_on(model, batches, precision)
         if i == 0:
             results.update(scores)

@@ -146,7 +146,7 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Training
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
-    collate = build_seq2seq_collator(model, tokenizer, cfg.data.batching, cfg.data.seq_length)  # None: causal LM
+    collate = build_seq2seq_collator(model.config, tokenizer, cfg.data.batching, cfg.data.seq_length)  # None: causal LM
     loader = build_train_loader(train_data.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
                                 env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
                                 sizes=train_data.bounds_sizes, weights=train_data.weights, shuffle=cfg.data.shuffle,
