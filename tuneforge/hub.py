@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError
-from tuneforge.peft.validate import method_label
 
 SCORE_KEYS = ("val_loss", "perplexity", "squad_em", "squad_f1")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError
-from tuneforge.peft.validate import method_label
 
 # (title, y label, [(metric key, legend label)]) for each plot; a plot with no data is left out.
 PLOTS = [

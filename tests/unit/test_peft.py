@@ -134,6 +134,16 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(method):
         assert torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7), n
 
 
+def test_activation_checkpointing_is_non_reentrant_and_only_when_asked():
+    from tuneforge.models.load import apply_activation_checkpointing
+
+    assert not apply_activation_checkpointing(stories(), False).is_gradient_checkpointing
+    model = apply_activation_checkpointing(stories(), True)
+    wrapped = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert model.is_gradient_checkpointing and wrapped
+    assert all(f.keywords == {"use_reentrant": False} for f in wrapped)  # frozen inputs need no input grads
+
+
 def test_overrides_address_items_of_a_peft_list():
     recipe = {**BASE, "peft": [{"method": "lora"}, {"method": "prompt_tuning"}]}
     cfg = load_config(recipe, ["peft.0.lora_rank=4", "peft.1.num_virtual_tokens=5"])
@@ -181,7 +191,7 @@ def test_8bit_base_trains_lora():
 
 
 def test_method_label_reads_single_methods_lists_and_full_runs():
-    from tuneforge.peft.validate import method_label
+    from tuneforge.config.rules.peft import method_label
 
     assert method_label(None) == "full fine-tuning"
     assert method_label({"method": "lora", "lora_rank": 16, "lora_alpha": 32}) == "lora (rank 16, alpha 32)"

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from tuneforge.config.rules.peft import validate_peft_section
 from tuneforge.config.schema import Config, DataConfig, DataSource
 from tuneforge.errors import UserError
 
@@ -249,7 +250,6 @@ def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_p
     _check(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, origin,
            "checkpoint.keep_last: must be >= 1 or null")
     from tuneforge.data.sources import is_hub_id
-    from tuneforge.peft.validate import validate_peft_section
 
     validate_peft_section(cfg, origin)
     for name, src in _data_sources(d):

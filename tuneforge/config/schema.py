@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from tuneforge.config.peft_methods import METHOD_HELP, METHOD_NAMES
+
 
 def doc(help: str, default: Any = None, factory: Any = None):
     """A dataclass field with a help string (the schema is the documentation)."""
@@ -72,15 +74,9 @@ class QuantizationConfig:
     compute_dtype: Literal["bfloat16", "float32"] = doc("dtype the 4-bit matmuls run in (bits: 4 only)", "bfloat16")
 
 
-PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter", "adapter")
-
-
 @dataclass
 class PeftConfig:
-    method: Literal["lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter", "adapter"] = doc(
-        "PEFT method: lora (also DoRA/rsLoRA), ia3, prompt_tuning, p_tuning (prompt encoder), prefix_tuning, "
-        "llama_adapter (adaption prompt), adapter (bottleneck adapters after attention and MLP outputs); "
-        "a field that does not apply to the method must keep its default", "lora")
+    method: Literal[METHOD_NAMES] = doc(METHOD_HELP, "lora")  # the methods of config/peft_methods.py
     lora_rank: int = doc("LoRA rank r (lora)", 8)
     lora_alpha: float = doc("LoRA scaling alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora) (lora)", 16)
     lora_dropout: float = doc("dropout on the LoRA input (lora)", 0.0)
@@ -106,20 +102,6 @@ class PeftConfig:
     adapter_layers: Optional[int] = doc("adapt the top N decoder layers; null = all (llama_adapter)", None)
     bottleneck_size: int = doc("bottleneck width of each adapter: hidden -> size -> hidden (adapter)", 16)
     bottleneck_activation: Literal["relu", "gelu", "silu"] = doc("non-linearity inside the bottleneck (adapter)", "relu")
-
-
-# Which methods each method-specific field applies to; a field set away from its default for another method is an
-# error (so a recipe never carries a value that silently does nothing).
-PEFT_FIELD_METHODS = {
-    "lora_rank": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",), "lora_bias": ("lora",),
-    "use_dora": ("lora",), "use_rslora": ("lora",),
-    "target_modules": ("lora", "ia3"), "modules_to_save": ("lora", "ia3"), "feedforward_modules": ("ia3",),
-    "num_virtual_tokens": ("prompt_tuning", "p_tuning", "prefix_tuning"), "prompt_init_text": ("prompt_tuning",),
-    "encoder_type": ("p_tuning",), "encoder_hidden_size": ("p_tuning", "prefix_tuning"),
-    "encoder_num_layers": ("p_tuning",), "prefix_projection": ("prefix_tuning",),
-    "adapter_len": ("llama_adapter",), "adapter_layers": ("llama_adapter",),
-    "bottleneck_size": ("adapter",), "bottleneck_activation": ("adapter",),
-}
 
 
 @dataclass

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tuneforge.config.peft_methods import BY_NAME
+from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config, DistributedConfig
 from tuneforge.errors import UserError
 from tuneforge.models.loss import training_loss
-from tuneforge.peft.validate import peft_parts
 
 log = logging.getLogger("tuneforge")
 
@@ -80,7 +81,7 @@ def resolve_strategy(cfg: DistributedConfig, world_size: int) -> str:
 def check_strategy_fits(cfg: Config, strategy: str, world_size: int) -> None:
     """Recipe rules that depend on the process count; the launcher checks them once, before torchrun starts."""
     parts = peft_parts(cfg.peft)
-    if strategy == "fsdp2" and (len(parts) > 1 or any(p.method == "adapter" for p in parts)):
+    if strategy == "fsdp2" and (len(parts) > 1 or any(not BY_NAME[p.method].fsdp2 for p in parts)):
         raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
                         "bottleneck adapters")
     if cfg.model.quantization is not None and strategy != "single":

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tuneforge.config.peft_methods import CLASSIFIER
+from tuneforge.config.rules.peft import peft_parts
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
 
 KIND = "sequence_classification"
 HEAD_NAMES = ("score", "classifier")  # transformers' attribute for the classifier (decoder LMs / encoders)
 HEAD_CODE = "tuneforge_head.py"
-PEFT_METHODS = ("lora", "ia3")  # methods whose peft config keeps the head trainable (modules_to_save)
 
 
 def transformers_model(model):
@@ -47,7 +48,6 @@ def classifier_head(model) -> tuple[str, torch.nn.Module]:
 def check_classification_recipe(cfg, kind: str) -> None:
     """The recipe's parts agree with the model kind; one line naming the field otherwise."""
     from tuneforge.data.prepare import as_sources
-    from tuneforge.peft.validate import peft_parts
 
     sources = as_sources(cfg.data.train) + as_sources(cfg.data.validation)
     classified = [s.format == "classification" for s in sources]
@@ -71,9 +71,9 @@ def check_classification_recipe(cfg, kind: str) -> None:
     if cfg.data.train_on_inputs:
         raise UserError("data.train_on_inputs: applies to language modelling, not to sequence_classification")
     for part in peft_parts(cfg.peft):
-        if part.method not in PEFT_METHODS:
+        if part.method not in CLASSIFIER:  # methods whose peft config keeps the head trainable (modules_to_save)
             raise UserError(f"peft.method: {part.method} is not supported with sequence_classification (the "
-                            f"head must train beside the adapter); use {' or '.join(PEFT_METHODS)}")
+                            f"head must train beside the adapter); use {' or '.join(CLASSIFIER)}")
     if cfg.eval.squad is not None:
         raise UserError("eval.squad: generates answers; a sequence_classification run reports accuracy and F1")
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tuneforge.config.peft_methods import SEQ2SEQ
+from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
 
-# peft methods that run on an encoder-decoder model; llama_adapter is Llama-only and tuneforge's bottleneck
-# adapters hook decoder-only layer stacks.
-SEQ2SEQ_PEFT = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
 
@@ -73,7 +72,6 @@ def check_seq2seq_model(name_or_path: str, config) -> None:
 def check_seq2seq_recipe(cfg: Config) -> None:
     """What a causal-LM recipe may ask for that has no meaning, or no implementation, for an encoder-decoder."""
     from tuneforge.data.prepare import as_sources
-    from tuneforge.peft.validate import peft_parts
 
     if cfg.data.batching == "packing":
         raise UserError("data.batching: packing applies to causal LMs; a seq2seq model pads (use pad_longest or "
@@ -89,6 +87,6 @@ def check_seq2seq_recipe(cfg: Config) -> None:
         raise UserError("train.trainable.top_layers: counts the layers of a decoder-only stack; for a seq2seq model "
                         r"name what trains with train.trainable.patterns (e.g. ['^decoder\.block\.[45]\.'])")
     for part in peft_parts(cfg.peft):
-        if part.method not in SEQ2SEQ_PEFT:
+        if part.method not in SEQ2SEQ:  # the registry says which methods run on an encoder-decoder, and why
             raise UserError(f"peft.method: {part.method} does not apply to seq2seq models; use one of "
-                            f"{', '.join(SEQ2SEQ_PEFT)}")
+                            f"{', '.join(SEQ2SEQ)}")

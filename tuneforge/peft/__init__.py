@@ -20,14 +20,15 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+from tuneforge.config.peft_methods import (BOTTLENECK, BY_NAME, MARKERS, MERGEABLE, PEFT_TYPES, PROMPT,
+                                            PROMPT_LEARNING, WEIGHTS)
+from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config, PeftConfig
 from tuneforge.errors import UserError
+from tuneforge.models.load import apply_activation_checkpointing, checkpointing_kwargs
 from tuneforge.models.quantize import quiet_bitsandbytes
-from tuneforge.peft.validate import MERGEABLE, PROMPT_LEARNING, peft_parts
 
 MANIFEST = "tuneforge_adapters.json"
-_STAGE = {"lora": 0, "ia3": 0, "llama_adapter": 0, "adapter": 1, "prompt_tuning": 2, "p_tuning": 2, "prefix_tuning": 2}
-_MARKERS = ("lora_", "ia3_", "adaption_", "bottleneck", "modules_to_save", "prompt_encoder")
 quiet_bitsandbytes()  # before anything imports peft (which imports bitsandbytes)
 # generate() passes position ids, which prompt methods rebuild themselves to cover their virtual tokens
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
@@ -45,14 +46,13 @@ def apply_finetuning(model, cfg: Config):
     then the adapters (only their parameters stay trainable) or partial freezing."""
     from tuneforge.models.quantize import is_quantized
 
-    checkpointing = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no enable_input_require_grads
     if is_quantized(model):
         # Freezes the base, upcasts the non-quantized weights (norms, embeddings) to fp32 for stable updates.
         model = _import_peft().prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.distributed.activation_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing)
-    elif cfg.distributed.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            gradient_checkpointing_kwargs=checkpointing_kwargs())
+    else:
+        apply_activation_checkpointing(model, cfg.distributed.activation_checkpointing)
     if cfg.peft is not None:
         from tuneforge.peft.lora_forward import use_in_place_lora_forward
 
@@ -72,7 +72,7 @@ def apply_peft(model, cfg: Union[PeftConfig, list[PeftConfig]]):
     outer = inner = model
     keep: list = []  # trainable parameters of the stages applied so far (a later peft wrapper freezes them)
     stack = []
-    for part in sorted(peft_parts(cfg), key=lambda p: _STAGE[p.method]):
+    for part in sorted(peft_parts(cfg), key=lambda p: BY_NAME[p.method].stage):
         if part.method == "adapter":
             from tuneforge.peft.bottleneck import apply_bottleneck
 
@@ -103,7 +103,7 @@ def _get_peft_model(model, part: PeftConfig):
         return peft.get_peft_model(model, build_peft_config(part, model))
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        if part.method in ("lora", "ia3"):
+        if "target_modules" in BY_NAME[part.method].fields:
             raise UserError(f"peft.target_modules: {part.target_modules!r} does not fit this model ({first})") from None
         raise UserError(f"peft.method: {part.method} does not fit this {type(model).__name__} ({first})") from None
 
@@ -114,7 +114,6 @@ def adapter_chain(model) -> list[tuple[str, object]]:
     from peft import PeftModel
 
     from tuneforge.peft.bottleneck import has_bottleneck
-    from tuneforge.peft.methods import PEFT_TYPES
 
     if "tuneforge_adapters" in vars(model):
         return list(vars(model)["tuneforge_adapters"])
@@ -144,7 +143,7 @@ def adapter_summary(model) -> str:
     for name, p in model.named_parameters():
         if p.requires_grad:
             parts = name.split(".")
-            kind = next((x for x in parts if x.startswith(_MARKERS)), None)
+            kind = next((x for x in parts if x.startswith(MARKERS)), None)
             layers.update(int(x) for x in parts if x.isdigit())
             if kind and kind != "prompt_encoder":
                 kinds.add(kind)
@@ -182,11 +181,18 @@ class _Named:
         return iter(self.named)
 
 
+def _stage(method: str) -> int:
+    """A method's stage; an adapter that plain peft saved with a type tuneforge has no entry for counts as a weight
+    adapter (its parameters sit in the base model's layers)."""
+    return BY_NAME[method].stage if method in BY_NAME else WEIGHTS
+
+
 def _own_parameters(method: str, obj) -> list:
     """The trainable parameters that belong to one adapter of the stack."""
-    if method == "adapter":
+    stage = _stage(method)
+    if stage == BOTTLENECK:
         return [(n, p) for n, p in obj.named_parameters() if ".bottleneck." in n]
-    if method in PROMPT_LEARNING:
+    if stage == PROMPT:
         return [(n, p) for n, p in obj.named_parameters() if n.startswith("prompt_encoder.")]
     return [(n, p) for n, p in obj.get_base_model().named_parameters() if p.requires_grad and ".bottleneck." not in n]
 
@@ -224,7 +230,6 @@ def save_adapters(model, out: Path, base_model_name_or_path: str, state_dict: di
 def saved_adapters(final: Path) -> list[tuple[str, Path]]:
     """(method, directory) of each adapter saved in a run's final/, innermost first; [] for a full model."""
     from tuneforge.peft.bottleneck import CONFIG_NAME
-    from tuneforge.peft.methods import PEFT_TYPES
 
     if (final / MANIFEST).is_file():
         try:

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from tuneforge.checkpoint import shape_mismatch
+from tuneforge.config.peft_methods import PROMPT_LEARNING
 from tuneforge.config.schema import Config, ModelConfig
 from tuneforge.errors import UserError
-from tuneforge.peft.validate import PROMPT_LEARNING
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PROMPT_SIZES = ("token_dim", "num_layers", "num_attention_heads")  # what prompt methods take from the base config

@@ -1,18 +1,16 @@
 """Recipe checks for the peft section, model.quantization and train.trainable, run at load time (before any work).
 
-Imports only the schema, so the config loader can call it without pulling in torch or peft."""
+Imports only the schema and the PEFT method registry, so the config loader can call it without pulling in torch or
+peft."""
 from __future__ import annotations
 
 import dataclasses
 import re
 from typing import Union
 
-from tuneforge.config.schema import PEFT_FIELD_METHODS, Config, PeftConfig
+from tuneforge.config.peft_methods import BY_NAME, FIELD_METHODS, PROMPT_LEARNING, WEIGHT_TUNERS
+from tuneforge.config.schema import Config, PeftConfig
 from tuneforge.errors import UserError
-
-PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")
-WEIGHT_TUNERS = ("lora", "ia3")  # peft tuners that rewrite Linear layers: one per model, or their layers collide
-MERGEABLE = ("lora", "ia3")
 
 
 def peft_parts(peft: Union[PeftConfig, list[PeftConfig], None]) -> list[PeftConfig]:
@@ -28,7 +26,7 @@ def _fail(origin: str, message: str) -> None:
 
 def validate_peft_part(p: PeftConfig, where: str, origin: str) -> None:
     defaults = PeftConfig(method=p.method)
-    for name, methods in PEFT_FIELD_METHODS.items():
+    for name, methods in FIELD_METHODS.items():
         if p.method not in methods and getattr(p, name) != getattr(defaults, name):
             _fail(origin, f"{where}.{name}: applies to method {' / '.join(methods)}, not {p.method}; "
                           f"remove it or leave it at its default ({getattr(defaults, name)!r})")
@@ -42,7 +40,8 @@ def validate_peft_part(p: PeftConfig, where: str, origin: str) -> None:
         _fail(origin, f"{where}.adapter_layers: must be >= 1 or null, got {p.adapter_layers}")
     if not 0 <= p.lora_dropout < 1:
         _fail(origin, f"{where}.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
-    if p.method == "prompt_tuning" and p.prompt_init_text is not None and not p.prompt_init_text.strip():
+    # only prompt_tuning gets here with a prompt_init_text: the field loop above refuses it for other methods
+    if p.prompt_init_text is not None and not p.prompt_init_text.strip():
         _fail(origin, f"{where}.prompt_init_text: must be non-empty text or null")
 
 
@@ -56,10 +55,11 @@ def validate_peft_list(parts: list[PeftConfig], origin: str) -> None:
             _fail(origin, f"peft[{i}].method: {m} is listed twice")
     if len(parts) == 1:
         return
-    if "llama_adapter" in methods:
-        _fail(origin, f"peft[{methods.index('llama_adapter')}].method: llama_adapter replaces the attention modules "
-                      "and is trained on its own, not in a list")
-    for group, what in ((WEIGHT_TUNERS, "weight adapters (lora, ia3)"), (PROMPT_LEARNING, "prompt methods")):
+    for i, m in enumerate(methods):
+        if BY_NAME[m].solo is not None:
+            _fail(origin, f"peft[{i}].method: {m} {BY_NAME[m].solo} and is trained on its own, not in a list")
+    for group, what in ((WEIGHT_TUNERS, f"weight adapters ({', '.join(WEIGHT_TUNERS)})"),
+                        (PROMPT_LEARNING, "prompt methods")):
         chosen = [m for m in methods if m in group]
         if len(chosen) > 1:
             _fail(origin, f"peft: at most one of the {what} per run, got {' + '.join(chosen)}")

@@ -1,0 +1,1 @@
+"""Every recipe rule lives here."""
