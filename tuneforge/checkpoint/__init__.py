@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tuneforge.checkpoint.state import TrainState
+from tuneforge.config.schema import Config
 from tuneforge.distributed import DistEnv, barrier, inner_model
 from tuneforge.errors import UserError
+from tuneforge.models.load import load_model_skeleton
+from tuneforge.models.tensors import check_tensors_fit, header_shapes
+from tuneforge.peft import apply_finetuning
 
 log = logging.getLogger("tuneforge")
 
@@ -179,24 +184,17 @@ def find_latest(ckpt_root: Path) -> Path | None:
     return None
 
 
-def shape_mismatch(found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> str | None:
-    """How saved tensors ({name: shape}) first differ from what `whose` ('this model') needs, a wrong shape first
-    (the most telling); None when they agree."""
-    wrong = [n for n in sorted(set(found) & set(expected)) if tuple(found[n]) != tuple(expected[n])]
-    unknown, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
-    if wrong:
-        return f"tensor {wrong[0]} has shape {list(found[wrong[0]])}, {whose} needs {list(expected[wrong[0]])}"
-    if unknown:
-        return f"it has tensor {unknown[0]}, for which {whose} has no place"
-    return f"it lacks tensor {missing[0]}, which {whose} needs" if missing else None
-
-
-def check_tensors_fit(path: Path, found: dict[str, tuple], expected: dict[str, tuple], whose: str) -> None:
-    """Saved tensors ({name: shape}) are exactly the ones `whose` trains, shape for shape."""
-    problem = shape_mismatch(found, expected, whose)
-    if problem:
-        raise UserError(f"{path}: written for another model or adapter: {problem}; resume with the run's original "
-                        "model.name_or_path and peft settings, or start over with --overwrite")
+def check_checkpoint_fits(cfg: Config, ckpt: Path, model_config=None) -> None:
+    """A single-process checkpoint's tensors against the recipe's model and fine-tuning built on the skeleton:
+    resuming after model.name_or_path or the peft section changed fails here, before the base weights load.
+    `model_config` replaces the checkpoint's config (a classifier's labels)."""
+    try:
+        found = header_shapes(ckpt / WEIGHTS)
+    except (OSError, SafetensorError):
+        return  # a multi-process or damaged checkpoint: loading it says what is wrong
+    model = apply_finetuning(load_model_skeleton(cfg.model, model_config), cfg)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    check_tensors_fit(ckpt / WEIGHTS, found, expected, f"model '{cfg.model.name_or_path}' with this recipe's peft")
 
 
 def load_checkpoint(ckpt: Path, state: TrainState, env: DistEnv | None = None) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuneforge.checkpoint import shape_mismatch
 from tuneforge.config.peft_methods import PROMPT_LEARNING
 from tuneforge.config.schema import Config, ModelConfig
 from tuneforge.errors import UserError
+from tuneforge.models.tensors import header_shapes, shape_mismatch
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PROMPT_SIZES = ("token_dim", "num_layers", "num_attention_heads")  # what prompt methods take from the base config
@@ -110,33 +110,6 @@ def _compare_shapes(weights: Path, expected: dict[str, tuple], base: str, traine
     problem = shape_mismatch(found, expected, f"the base model '{base}'")
     if problem:
         raise UserError(f"{weights}: {problem}{trained_for}")
-
-
-def check_checkpoint_fits(cfg: Config, ckpt: Path, model_config=None) -> None:
-    """A single-process checkpoint's tensors against the recipe's model and fine-tuning built on the skeleton:
-    resuming after model.name_or_path or the peft section changed fails here, before the base weights load.
-    `model_config` replaces the checkpoint's config (a classifier's labels)."""
-    from safetensors import SafetensorError
-
-    from tuneforge.checkpoint import WEIGHTS, check_tensors_fit
-    from tuneforge.models import load_model_skeleton
-    from tuneforge.peft import apply_finetuning
-
-    try:
-        found = header_shapes(ckpt / WEIGHTS)
-    except (OSError, SafetensorError):
-        return  # a multi-process or damaged checkpoint: loading it says what is wrong
-    model = apply_finetuning(load_model_skeleton(cfg.model, model_config), cfg)
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    check_tensors_fit(ckpt / WEIGHTS, found, expected, f"model '{cfg.model.name_or_path}' with this recipe's peft")
-
-
-def header_shapes(path: Path) -> dict[str, tuple]:
-    """{tensor name: shape} from a safetensors file's header alone (no tensor data is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _read_json(path: Path) -> dict:

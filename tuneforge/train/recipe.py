@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.checkpoint import load_checkpoint, save_checkpoint
+from tuneforge.checkpoint import check_checkpoint_fits, load_checkpoint, save_checkpoint
 from tuneforge.checkpoint.init_from import apply_init_from
 from tuneforge.checkpoint.state import TrainState
 from tuneforge.config import Config, to_dict
@@ -36,7 +36,6 @@ from tuneforge.models.classify import build_classifier_config, check_classificat
 from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.load import Precision, resolve_kind
 from tuneforge.peft import apply_finetuning, describe_finetuning
-from tuneforge.peft.fit import check_checkpoint_fits
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.report import write_report
 from tuneforge.train.export import consolidated_state, save_final
