@@ -210,11 +210,13 @@ class PackedCollator:
             at = 0
             for ex in row:
                 n = len(ex.input_ids)
-                ids[r, at:at + n] = torch.tensor(ex.input_ids)
+                ids[r, at:at + n] = torch.tensor(ex.input_ids)  # the example at row offset `at`
+                # labels[r, at] stays -100: after the loss's shift by one it would be a target of the previous
+                # example's last token, which unpacked has no next token
                 labels[r, at + 1:at + n] = torch.tensor(ex.labels[1:])
-                positions[r, at:at + n] = torch.arange(n)
+                positions[r, at:at + n] = torch.arange(n)  # a restart at 0 opens a new attention block
                 at += n
-            positions[r, at:] = torch.arange(width - at)
+            positions[r, at:] = torch.arange(width - at)  # (width - at) padding tokens: a block of their own
         return {"input_ids": ids, "labels": labels, "position_ids": positions,
                 "num_tokens": torch.tensor(sum(lengths))}
 

@@ -104,7 +104,7 @@ class HeadCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = False,
                    chunk_tokens: int = 1024) -> torch.Tensor:
     """Sum (not mean) of next-token losses over labelled positions; the caller divides by the step's tokens."""
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:]  # (rows, seq - 1): position t predicts token t + 1
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     split = None if full_forward else _split_head(model)
     if split is None:
@@ -114,8 +114,8 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = F
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
     backbone, head = split
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    keep = labels != IGNORE
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (rows, seq - 1, hidden): the last
+    keep = labels != IGNORE  # position predicts nothing; hidden[keep] is (label tokens, hidden), the head's input
     if type(head) is torch.nn.Linear:
         return HeadCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], chunk_tokens)
     # an adapter or a quantized layer on the head: its own forward, on the labelled positions only
