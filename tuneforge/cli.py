@@ -228,8 +228,7 @@ def add_serve_commands(sub) -> None:
 
 def cmd_finetune(args) -> int:
     from tuneforge.config import describe_schema, load_config
-    from tuneforge.distributed import check_strategy_fits, launched_world_size, resolve_strategy
-    from tuneforge.models.gguf import resolve_model_source
+    from tuneforge.distributed import launched_world_size
 
     if args.help_config:
         print("\n".join(describe_schema()))
@@ -239,11 +238,7 @@ def cmd_finetune(args) -> int:
     if (args.nproc_per_node > 1 or args.nnodes > 1) and "TORCHELASTIC_RUN_ID" not in os.environ:
         from tuneforge.launch import launch_torchrun
 
-        world = args.nproc_per_node * args.nnodes
-        cfg = load_config(args.config, args.overrides, world_size=world)  # fail fast: once, not once per rank
-        check_strategy_fits(cfg, resolve_strategy(cfg.distributed, world), world)
-        resolve_model_source(cfg)  # a GGUF base is converted once here, not by every rank at once
-        return launch_torchrun(args)
+        return launch_torchrun(args)  # checks the recipe once, here, before torchrun starts the ranks
     cfg = load_config(args.config, args.overrides, world_size=launched_world_size())
     from tuneforge.train import finetune
 

@@ -28,8 +28,23 @@ def torchrun_command(args) -> list[str]:
 
 
 def launch_torchrun(args) -> int:
-    """Re-run this command under torchrun; torchrun's exit status is ours."""
-    return subprocess.call(torchrun_command(args))
+    """Check the recipe here, once, then re-run this command under torchrun; torchrun's exit status is ours."""
+    command = torchrun_command(args)
+    check_before_launch(args)
+    return subprocess.call(command)
+
+
+def check_before_launch(args) -> None:
+    """Every recipe rule and the pre-flight, for the process count torchrun will start: a refused recipe is then
+    one line from this process (the message a one-process run prints), not one per rank and torchrun's traceback."""
+    from tuneforge.config import load_config
+    from tuneforge.models.gguf import resolve_model_source
+    from tuneforge.preflight import preflight
+
+    world = args.nproc_per_node * args.nnodes
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    cfg = resolve_model_source(cfg)  # a GGUF base is converted once here, not by every rank at once
+    preflight(cfg, world, warn=False)
 
 
 SLURM_TEMPLATE = """#!/usr/bin/env bash

@@ -76,7 +76,7 @@ class ModelFacts:
 
 def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     """The report `tuneforge plan` prints."""
-    from tuneforge.distributed import resolve_strategy
+    from tuneforge.config.rules.distributed import resolve_strategy
     from tuneforge.models.load import resolve_precision
 
     import tuneforge.train.recipe  # noqa: F401 - what a training process imports is part of its baseline

@@ -1,15 +1,55 @@
-"""Checks that run before any heavy work, each failing with one line that says what to fix."""
+"""The pre-flight: the checks that need more than the recipe (the checkpoint's config.json, the disk, an installed
+package), run once before any heavy work, each failing with one line that says what to fix.
+
+`preflight` is the one entry point: a training process runs it before it joins the process group, and the torchrun
+launcher runs it in its own process first, so a refused recipe is one line, not one per rank. The pure recipe rules
+are config/rules' (load_config runs them); the pre-flight calls back into them for what depends on the process count
+and on the model kind config.json resolves."""
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.config.rules import check_world
+from tuneforge.config.rules.kind import check_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.models.load import resolve_kind
 
 log = logging.getLogger("tuneforge")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the pre-flight learned, which the run then goes by."""
+    strategy: str  # single | ddp | fsdp2, for the process count it was run for
+    kind: str  # causal_lm | seq2seq | sequence_classification (model.kind, auto resolved from config.json)
+
+
+def preflight(cfg: Config, world_size: int = 1, warn: bool = True) -> Preflight:
+    """Refuse a recipe this machine cannot start, before any weights or data load. `warn=False` leaves the warnings
+    to the training processes (the launcher's own pre-flight), which print them as a one-process run does."""
+    strategy = check_world(cfg, world_size)  # a Config may reach here loaded for another process count
+    check_wandb(cfg)
+    check_output_dir(cfg)
+    config = read_model_config(cfg)
+    kind = resolve_kind(cfg.model, config)
+    check_architecture(cfg, config, kind)
+    check_kind(cfg, kind)
+    if warn:
+        check_seq_length(cfg, config)
+    return Preflight(strategy, kind)
+
+
+def check_wandb(cfg: Config) -> None:
+    if cfg.logging.wandb is not None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("logging.wandb is set but wandb is not installed: pip install 'tuneforge[wandb]'") from None
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -23,18 +63,14 @@ def check_output_dir(cfg: Config) -> None:
         raise UserError(f"run.output_dir: cannot write to '{parent}' ({e.strerror or e})") from None
 
 
-def check_model_config(cfg: Config):
-    """The model's config loads and names an architecture AutoModelForCausalLM (or for model.kind seq2seq,
-    AutoModelForSeq2SeqLM) can build, and the recipe fits that kind; returns the config."""
+def read_model_config(cfg: Config):
+    """The model's config.json (from its directory, or the Hub cache or the Hub), without weights."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from tuneforge.models.load import resolve_kind
 
     m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code, **({"revision": m.revision} if m.revision else {})}
     try:
-        config = AutoConfig.from_pretrained(m.name_or_path, **kwargs)
+        return AutoConfig.from_pretrained(m.name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         if hub_offline() and not Path(m.name_or_path).expanduser().exists():
             raise UserError(f"model.name_or_path: '{m.name_or_path}' is no local directory and is not in the Hub "
@@ -42,17 +78,24 @@ def check_model_config(cfg: Config):
                             "or give a local path") from None
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first})") from None
-    if resolve_kind(m, config) == "seq2seq":
-        from tuneforge.models.seq2seq import check_seq2seq_model, check_seq2seq_recipe
 
-        check_seq2seq_model(m.name_or_path, config)
-        check_seq2seq_recipe(cfg)
-        return config
-    remote = bool(getattr(config, "auto_map", {}) or {}) and m.trust_remote_code
+
+def check_architecture(cfg: Config, config, kind: str) -> None:
+    """The config names an architecture the kind's Auto class can build: AutoModelForSeq2SeqLM for seq2seq,
+    AutoModelForCausalLM otherwise (a sequence classifier is built on a causal LM's backbone)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING)
+
+    name = cfg.model.name_or_path
+    if kind == "seq2seq":
+        if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+            raise UserError(f"model.kind: seq2seq, but '{name}' is a {config.model_type!r} model that "
+                            "AutoModelForSeq2SeqLM cannot load")
+        return
+    remote = bool(getattr(config, "auto_map", {}) or {}) and cfg.model.trust_remote_code
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
-        raise UserError(f"model.name_or_path: '{m.name_or_path}' is a {config.model_type!r} model without a causal-LM "
+        raise UserError(f"model.name_or_path: '{name}' is a {config.model_type!r} model without a causal-LM "
                         "head (AutoModelForCausalLM cannot load it)")
-    return config
 
 
 def hub_offline() -> bool:
@@ -70,7 +113,8 @@ def check_seq_length(cfg: Config, config) -> None:
 
 def check_checkpoint_room(run_dir: Path, trainable: int, cfg: Config) -> None:
     """A checkpoint holds the trainable weights and two Adam moments in fp32 (~12 bytes a parameter), written
-    beside the previous one before that is deleted: ask for room for two."""
+    beside the previous one before that is deleted: ask for room for two. Needs the trainable count, so the run
+    calls it once the model is built."""
     if not cfg.checkpoint.every_steps:
         return
     need = 2 * 12 * trainable
@@ -79,4 +123,3 @@ def check_checkpoint_room(run_dir: Path, trainable: int, cfg: Config) -> None:
     if free < need:
         raise UserError(f"checkpoint.every_steps: {run_dir} has {free / 2**30:.1f} GiB free; a checkpoint of "
                         f"{trainable:,} trainable parameters needs about {need / 2**30:.1f} GiB (two while saving)")
-

@@ -322,7 +322,6 @@ def test_vllm_command_serves_the_adapter_as_a_lora_module(run_dir, tmp_path):
 
 def test_requests_over_max_concurrent_get_429_until_one_finishes(tmp_path):
     """An engine that holds its one job until told: a second request is refused, and served once the first ends."""
-    from concurrent.futures import Future
 
     from transformers import AutoTokenizer
 

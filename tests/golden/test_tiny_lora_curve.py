@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.conftest import read_metrics, run_cli
 from tuneforge.models.load import cpu_bf16_unsupported_reason
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)

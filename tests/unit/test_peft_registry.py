@@ -253,15 +253,15 @@ def test_classifier_support_keeps_the_head_training(method):
 
 @pytest.mark.parametrize("method", [m.name for m in METHODS])
 def test_fsdp2_refuses_exactly_the_methods_it_does_not_train(method):
-    from tuneforge.distributed import check_strategy_fits
+    from tuneforge.config.rules.distributed import check_strategy_fits
 
     cfg = recipe(peft={"method": method})
-    check_strategy_fits(cfg, "ddp", 2)
+    check_strategy_fits(cfg, "ddp")
     if BY_NAME[method].fsdp2:
-        check_strategy_fits(cfg, "fsdp2", 2)
+        check_strategy_fits(cfg, "fsdp2")
     else:
         with pytest.raises(UserError, match="fsdp2 trains one peft method at a time"):
-            check_strategy_fits(cfg, "fsdp2", 2)
+            check_strategy_fits(cfg, "fsdp2")
 
 
 def test_lists_stack_by_stage_and_refuse_solo_methods_and_two_of_a_group():

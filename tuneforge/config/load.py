@@ -13,8 +13,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from tuneforge.config.rules.peft import validate_peft_section
-from tuneforge.config.schema import Config, DataConfig, DataSource
+from tuneforge.config.rules import check_recipe
+from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 
 _SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # max_new_tokens is a count
@@ -22,7 +22,8 @@ _SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # m
 
 def load_config(source: str | os.PathLike | dict | Config | None = None, overrides: list[str] | None = None,
                 world_size: int = 1, check_paths: bool = True) -> Config:
-    """Build a validated Config from a YAML path, a dict or a Config, then apply `key.sub=value` overrides."""
+    """Build a Config from a YAML path, a dict or a Config, then apply `key.sub=value` overrides; every recipe rule
+    (config/rules) is checked for a run of `world_size` processes."""
     if isinstance(source, Config):
         raw, origin, text = dataclasses.asdict(source), "<config>", None
     elif isinstance(source, dict):
@@ -53,7 +54,7 @@ def load_config(source: str | os.PathLike | dict | Config | None = None, overrid
         line = _line_of(text, e.path) if text else None
         where = f"{origin}:{line}" if line else origin
         raise UserError(f"{where}: {e.path}: {e.message}") from None
-    validate(cfg, world_size, origin, check_paths)
+    check_recipe(cfg, origin, world_size, check_paths)
     return cfg
 
 
@@ -210,137 +211,6 @@ def _line_of(text: str, path: str) -> int | None:
         else:
             break
     return line
-
-
-def _check(ok: bool, origin: str, message: str) -> None:
-    if not ok:
-        raise UserError(f"{origin}: {message}")
-
-
-def validate(cfg: Config, world_size: int = 1, origin: str = "<config>", check_paths: bool = True) -> None:
-    """Impossible values, checked before any work starts."""
-    t, d = cfg.train, cfg.data
-    _check(bool(cfg.model.name_or_path), origin, "model.name_or_path: required (a Hub id or a local model directory)")
-    _check(d.seq_length >= 1, origin, f"data.seq_length: must be >= 1, got {d.seq_length}")
-    _check(t.micro_batch_size >= 1, origin, f"train.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
-    _check(t.global_batch_size >= 1, origin, f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
-    per_step = t.micro_batch_size * world_size
-    _check(t.global_batch_size % per_step == 0, origin,
-           f"train.global_batch_size ({t.global_batch_size}) is not divisible by micro_batch_size "
-           f"({t.micro_batch_size}) x data-parallel size ({world_size}) = {per_step}")
-    _check(t.max_steps is None or t.max_steps >= 1, origin, f"train.max_steps: must be >= 1, got {t.max_steps}")
-    _check(t.stop_at_step is None or t.stop_at_step >= 1, origin,
-           f"train.stop_at_step: must be >= 1 or null, got {t.stop_at_step}")
-    _check(t.num_epochs > 0, origin, f"train.num_epochs: must be > 0, got {t.num_epochs}")
-    _check(t.optimizer.lr > 0, origin, f"train.optimizer.lr: must be > 0, got {t.optimizer.lr}")
-    _check(len(t.optimizer.betas) == 2 and all(0 <= b < 1 for b in t.optimizer.betas), origin,
-           f"train.optimizer.betas: expected two numbers in [0, 1), got {t.optimizer.betas}")
-    _check(t.grad_clip is None or t.grad_clip > 0, origin, f"train.grad_clip: must be > 0 or null, got {t.grad_clip}")
-    _check(t.max_bad_steps >= 1, origin, f"train.max_bad_steps: must be >= 1, got {t.max_bad_steps}")
-    _check(t.log_every_steps >= 1, origin, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
-    _check(t.val_every_steps is None or t.val_every_steps >= 1, origin,
-           f"train.val_every_steps: must be >= 1 or null, got {t.val_every_steps}")
-    _check(t.lr_scheduler.warmup_steps >= 0, origin, "train.lr_scheduler.warmup_steps: must be >= 0")
-    _check(t.loss_chunk_tokens >= 0, origin, f"train.loss_chunk_tokens: must be >= 0, got {t.loss_chunk_tokens}")
-    _check(t.release_memory_every_steps is None or t.release_memory_every_steps >= 1, origin,
-           f"train.release_memory_every_steps: must be >= 1 or null, got {t.release_memory_every_steps}")
-    _check(d.num_workers >= 0, origin, f"data.num_workers: must be >= 0, got {d.num_workers}")
-    _check(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1, origin,
-           "checkpoint.every_steps: must be >= 1 or null")
-    _check(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1, origin,
-           "checkpoint.keep_last: must be >= 1 or null")
-    from tuneforge.data.sources import is_hub_id
-
-    validate_peft_section(cfg, origin)
-    for name, src in _data_sources(d):
-        _check(src.limit is None or src.limit >= 1, origin, f"{name}.limit: must be >= 1 or null, got {src.limit}")
-        _check(src.weight > 0, origin, f"{name}.weight: must be > 0, got {src.weight}")
-        _check(bool(src.path), origin, f"{name}.path: required")
-        _check(not check_paths or _exists(src.path) or is_hub_id(src.path), origin,
-               f"{name}.path: no such file '{src.path}'")
-    _check(isinstance(d.train, DataSource) or len(d.train) >= 1, origin, "data.train: needs at least one source")
-    _check(d.val_split is None or 0 < d.val_split < 1 or (d.val_split >= 1 and float(d.val_split).is_integer()),
-           origin, f"data.val_split: expected a fraction in (0, 1) or a whole number of examples, got {d.val_split}")
-    _check(d.val_split is None or not d.validation, origin,
-           "data.val_split: carves validation data from train only when data.validation is not given")
-    if d.prompt_style == "chat":
-        plain = [name for name, src in _data_sources(d) if src.format in ("text", "classification")]
-        _check(not plain, origin, f"data.prompt_style: chat renders prompt/answer pairs as chat turns; "
-               f"{plain[0] if plain else ''} has format text or classification, which have no prompt")
-    _check(d.system_prompt is None or d.prompt_style == "chat", origin,
-           "data.system_prompt: needs data.prompt_style: chat")
-    validate_eval(cfg, origin, check_paths)
-    validate_model_extras(cfg, origin, check_paths)
-    if not check_paths:
-        return
-    mp = cfg.model.name_or_path
-    if mp.lower().endswith(".gguf") and not cfg.model.gguf_file:
-        _check(_exists(mp, "is_file"), origin, f"model.name_or_path: no such GGUF file '{mp}'")
-    elif _looks_local(mp):
-        _check(_exists(mp, "is_dir"), origin, f"model.name_or_path: no such model directory '{mp}'")
-    _check(cfg.checkpoint.resume in ("auto", "never") or _exists(cfg.checkpoint.resume, "is_dir"), origin,
-           f"checkpoint.resume: expected auto, never or an existing checkpoint directory, got '{cfg.checkpoint.resume}'")
-
-
-def _exists(path: str, kind: str = "exists") -> bool:
-    """Path.is_file / is_dir / exists that answers False for names no filesystem accepts (too long, NUL bytes)."""
-    try:
-        return getattr(Path(path).expanduser(), kind)()
-    except (OSError, ValueError):
-        return False
-
-
-def _data_sources(d: DataConfig) -> list[tuple[str, DataSource]]:
-    """(config path, source) of every train and validation source, whether given as one mapping or a list."""
-    out = []
-    for key, value in (("data.train", d.train), ("data.validation", d.validation)):
-        if isinstance(value, list):
-            out.extend((f"{key}[{i}]", src) for i, src in enumerate(value))
-        elif value is not None:
-            out.append((key, value))
-    return out
-
-
-def validate_eval(cfg: Config, origin: str, check_paths: bool) -> None:
-    sq = cfg.eval.squad
-    if sq is None:
-        return
-    for key in ("every_steps", "limit"):
-        value = getattr(sq, key)
-        _check(value is None or value >= 1, origin, f"eval.squad.{key}: must be >= 1 or null, got {value}")
-    for key in ("max_new_tokens", "batch_size"):
-        value = getattr(sq, key)
-        _check(value >= 1, origin, f"eval.squad.{key}: must be >= 1, got {value}")
-    if sq.path is not None:
-        _check(not check_paths or Path(sq.path).is_file(), origin, f"eval.squad.path: no such file '{sq.path}'")
-        return
-    from tuneforge.eval.sources import validation_sources
-
-    _check(any(src.format == "squad" for _, src in validation_sources(cfg.data)), origin,
-           "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
-
-
-def validate_model_extras(cfg: Config, origin: str, check_paths: bool) -> None:
-    """model.head, model.init_from and data.labels (classification and initialisation from a run)."""
-    head, d = cfg.model.head, cfg.data
-    if head is not None:
-        _check(bool(head.hidden_layers) and all(w >= 1 for w in head.hidden_layers), origin,
-               f"model.head.hidden_layers: expected a list of widths >= 1, got {head.hidden_layers}")
-        _check(0 <= head.dropout < 1, origin, f"model.head.dropout: must be in [0, 1), got {head.dropout}")
-    if d.labels is not None:
-        _check(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels), origin,
-               f"data.labels: expected at least 2 distinct label names, got {d.labels}")
-    init = cfg.model.init_from
-    if init is not None:
-        _check(cfg.model.weights_only, origin, "model.weights_only: false is not supported; init_from "
-               "loads weights only (checkpoint.resume continues a run's optimizer, schedule and step)")
-        _check(not check_paths or _exists(init, "is_dir"), origin,
-               f"model.init_from: expected a run, checkpoint or final/ directory, got '{init}'")
-
-
-def _looks_local(name: str) -> bool:
-    """A Hub id is `name` or `org/name`; anything else (or an existing path) is a local directory."""
-    return _exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def to_dict(cfg: Config) -> dict:

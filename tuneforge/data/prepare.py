@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
+from tuneforge.config.sources import as_sources
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, dataset_fingerprint, is_hub_id, load_source_records
 from tuneforge.data.tokenize import (IGNORE, Example, TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
                                     tokenize_records)
@@ -116,12 +117,6 @@ class PreparedData:
     @property
     def weights(self) -> list[float]:
         return [s.weight for s in self.sources]
-
-
-def as_sources(value: DataSource | list[DataSource] | None) -> list[DataSource]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 def source_name(source: DataSource) -> str:

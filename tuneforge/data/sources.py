@@ -5,12 +5,12 @@ Every format turns one row into a `Record` (the fields a prompt template may nam
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from tuneforge.config.sources import is_hub_id
 from tuneforge.errors import UserError
 
 
@@ -52,8 +52,6 @@ FORMAT_FIELDS = {
     "text": ("text",),
 }
 _OPTIONAL = {"alpaca": {"input"}, "dolly": {"context"}}
-_TABLE_SUFFIXES = (".json", ".jsonl", ".arrow", ".parquet", ".txt")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def _read_text(path: Path) -> str:
@@ -63,12 +61,6 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def is_hub_id(path: str) -> bool:
-    """`owner/name` that is not a local path: a Hugging Face Hub dataset."""
-    return (not Path(path).exists() and _HUB_ID.fullmatch(path) is not None
-            and not path.endswith(_TABLE_SUFFIXES))
 
 
 # ---- rows: (location for error messages, dict) from any container --------------------------------------------

@@ -1,7 +1,8 @@
 """torch.distributed plumbing: process group, device mesh, DDP and FSDP2 wrapping, collectives the loop needs.
 
 One process needs none of it; torchrun (launched by `tuneforge finetune --nproc-per-node N` or by the user) sets
-RANK / WORLD_SIZE / LOCAL_RANK and the same recipe runs data-parallel, gloo on CPU and nccl on CUDA."""
+RANK / WORLD_SIZE / LOCAL_RANK and the same recipe runs data-parallel, gloo on CPU and nccl on CUDA. Which strategy a
+recipe runs with, and what each strategy refuses, are recipe rules (config/rules/distributed.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tuneforge.config.peft_methods import BY_NAME
-from tuneforge.config.rules.peft import peft_parts
-from tuneforge.config.schema import Config, DistributedConfig
-from tuneforge.errors import UserError
+from tuneforge.config.rules.distributed import check_dp_replicate
+from tuneforge.config.schema import DistributedConfig
 from tuneforge.models.loss import training_loss
 
 log = logging.getLogger("tuneforge")
@@ -65,37 +64,13 @@ def init_distributed(strategy: str) -> DistEnv:
     return DistEnv(rank, world, local_rank, device, True)
 
 
-def resolve_strategy(cfg: DistributedConfig, world_size: int) -> str:
-    """auto: single for one process; fsdp2 when sharding is asked for (offload, HSDP); otherwise ddp."""
-    if cfg.strategy == "auto":
-        if world_size == 1:
-            return "single"
-        return "fsdp2" if (cfg.cpu_offload or cfg.dp_replicate > 1) else "ddp"
-    if cfg.strategy == "single" and world_size > 1:
-        raise UserError(f"distributed.strategy: single cannot run on {world_size} processes; use ddp or fsdp2")
-    if cfg.strategy == "ddp" and world_size == 1:
-        return "single"
-    return cfg.strategy
-
-
-def check_strategy_fits(cfg: Config, strategy: str, world_size: int) -> None:
-    """Recipe rules that depend on the process count; the launcher checks them once, before torchrun starts."""
-    parts = peft_parts(cfg.peft)
-    if strategy == "fsdp2" and (len(parts) > 1 or any(not BY_NAME[p.method].fsdp2 for p in parts)):
-        raise UserError("distributed.strategy: fsdp2 trains one peft method at a time; use ddp for adapter lists and "
-                        "bottleneck adapters")
-    if cfg.model.quantization is not None and strategy != "single":
-        raise UserError("model.quantization: QLoRA runs in one process; use distributed.strategy=single")
-
-
 def build_mesh(env: DistEnv, dp_replicate: int):
     """1-D mesh (shard) for FSDP, or 2-D (replicate, shard) for HSDP: replicas across nodes, shards within."""
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = "cuda" if env.device.startswith("cuda") else "cpu"
     if dp_replicate > 1:
-        if env.world_size % dp_replicate:
-            raise UserError(f"distributed.dp_replicate ({dp_replicate}) must divide the world size ({env.world_size})")
+        check_dp_replicate(dp_replicate, env.world_size)
         return init_device_mesh(kind, (dp_replicate, env.world_size // dp_replicate),
                                 mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(kind, (env.world_size,), mesh_dim_names=("shard",))

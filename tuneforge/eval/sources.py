@@ -1,37 +1,13 @@
 """Which data a run is evaluated on. `data.validation` may be one source, a list of sources (optionally named), or
-a name -> source mapping; everything else asks this module, so the shape can grow without touching evaluation."""
+a name -> source mapping; everything else asks this module (validation_sources, which the recipe rules need too, lives
+in config.sources), so the shape can grow without touching evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from tuneforge.config.schema import Config, DataConfig, DataSource
+from tuneforge.config.schema import Config, DataSource
+from tuneforge.config.sources import validation_sources
 from tuneforge.errors import UserError
-
-
-def validation_sources(data: DataConfig) -> list[tuple[str, Any]]:
-    """(name, source) for every validation set, in recipe order; a lone source is named 'validation'."""
-    val = data.validation
-    if val is None:
-        return []
-    if isinstance(val, dict):
-        return [(str(name), src) for name, src in val.items()]
-    if isinstance(val, (list, tuple)):
-        named = []
-        for i, src in enumerate(val):
-            name = getattr(src, "name", None) or Path(src.path).stem or f"validation_{i}"
-            named.append((name, src))
-        return _unique(named)
-    return [("validation", val)]
-
-
-def _unique(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    seen: dict[str, int] = {}
-    out = []
-    for name, src in named:
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", src))
-    return out
 
 
 def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = None) -> DataSource | None:

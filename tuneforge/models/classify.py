@@ -1,5 +1,6 @@
 """Sequence classification (model.kind: sequence_classification): the label config that sizes the head, the
-optional MLP head, the loss, and the checks that keep a recipe from mixing classification with what cannot apply.
+optional MLP head and the loss. The rules that keep a recipe from mixing classification with what cannot apply
+are in config/rules/kind.py.
 
 The model is transformers' own AutoModelForSequenceClassification: it pools the hidden state of each row's last
 non-padding token (found from config.pad_token_id, so left and right padding both work) and maps it to the labels.
@@ -13,12 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tuneforge.config.peft_methods import CLASSIFIER
-from tuneforge.config.rules.peft import peft_parts
+from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
 
-KIND = "sequence_classification"
 HEAD_NAMES = ("score", "classifier")  # transformers' attribute for the classifier (decoder LMs / encoders)
 HEAD_CODE = "tuneforge_head.py"
 
@@ -43,39 +42,6 @@ def classifier_head(model) -> tuple[str, torch.nn.Module]:
         if isinstance(module, torch.nn.Module):
             return name, module
     raise UserError(f"{type(inner).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
-
-
-def check_classification_recipe(cfg, kind: str) -> None:
-    """The recipe's parts agree with the model kind; one line naming the field otherwise."""
-    from tuneforge.data.prepare import as_sources
-
-    sources = as_sources(cfg.data.train) + as_sources(cfg.data.validation)
-    classified = [s.format == "classification" for s in sources]
-    if kind != KIND:
-        if any(classified):
-            raise UserError(f"data format classification needs model.kind: {KIND} (the model resolves to {kind})")
-        if cfg.model.head is not None:
-            raise UserError(f"model.head: applies to model.kind: {KIND} only (this model is {kind})")
-        if cfg.data.labels is not None:
-            raise UserError(f"data.labels: applies to classification data (model.kind: {KIND}) only")
-        if cfg.train.trainable is not None and cfg.train.trainable.head:
-            raise UserError(f"train.trainable.head: applies to model.kind: {KIND} only (use lm_head for {kind})")
-        return
-    if not all(classified):
-        bad = next(s for s in sources if s.format != "classification")
-        raise UserError(f"data: {bad.path} has format {bad.format}; model.kind {KIND} trains on format "
-                        "classification (a text and a label per row)")
-    if cfg.data.batching == "packing":
-        raise UserError("data.batching: packing does not apply to sequence_classification (one label per "
-                        "sequence); use pad_longest or group_by_length")
-    if cfg.data.train_on_inputs:
-        raise UserError("data.train_on_inputs: applies to language modelling, not to sequence_classification")
-    for part in peft_parts(cfg.peft):
-        if part.method not in CLASSIFIER:  # methods whose peft config keeps the head trainable (modules_to_save)
-            raise UserError(f"peft.method: {part.method} is not supported with sequence_classification (the "
-                            f"head must train beside the adapter); use {' or '.join(CLASSIFIER)}")
-    if cfg.eval.squad is not None:
-        raise UserError("eval.squad: generates answers; a sequence_classification run reports accuracy and F1")
 
 
 def build_classifier_config(model_cfg, names: list[str], tokenizer):

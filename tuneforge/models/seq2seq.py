@@ -1,4 +1,5 @@
-"""Encoder-decoder (T5 / BART family) models: the loss, the peft task type and the recipe checks.
+"""Encoder-decoder (T5 / BART family) models: the loss and the peft task type (the recipe rules for them are in
+config/rules/kind.py, the check that a checkpoint is one in preflight.py).
 
 The loss runs the model's own forward and takes its logits: T5 scales the decoder output by d_model**-0.5 before a
 tied LM head, so the causal path's head-on-labelled-positions-only split (loss.py) would need model-specific
@@ -12,11 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tuneforge.config.peft_methods import SEQ2SEQ
-from tuneforge.config.rules.peft import peft_parts
-from tuneforge.config.schema import Config
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.errors import UserError
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
@@ -58,35 +55,3 @@ def is_seq2seq_output(final: Path) -> bool:
         except (OSError, ValueError, AttributeError):
             pass
     return False
-
-
-def check_seq2seq_model(name_or_path: str, config) -> None:
-    """The checkpoint names an architecture AutoModelForSeq2SeqLM can build."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-
-    if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
-        raise UserError(f"model.kind: seq2seq, but '{name_or_path}' is a {config.model_type!r} model that "
-                        "AutoModelForSeq2SeqLM cannot load")
-
-
-def check_seq2seq_recipe(cfg: Config) -> None:
-    """What a causal-LM recipe may ask for that has no meaning, or no implementation, for an encoder-decoder."""
-    from tuneforge.data.prepare import as_sources
-
-    if cfg.data.batching == "packing":
-        raise UserError("data.batching: packing applies to causal LMs; a seq2seq model pads (use pad_longest or "
-                        "group_by_length)")
-    if cfg.data.train_on_inputs:
-        raise UserError("data.train_on_inputs: a seq2seq model reads the prompt in its encoder and has no loss on "
-                        "it; set it to false")
-    for source in as_sources(cfg.data.train) + as_sources(cfg.data.validation):
-        if source.format == "text":
-            raise UserError(f"{source.path}: format text has no prompt for a seq2seq model's encoder; use a format "
-                            "with inputs and outputs (input_output, alpaca, squad, chat)")
-    if cfg.peft is None and cfg.train.trainable is not None and cfg.train.trainable.top_layers:
-        raise UserError("train.trainable.top_layers: counts the layers of a decoder-only stack; for a seq2seq model "
-                        r"name what trains with train.trainable.patterns (e.g. ['^decoder\.block\.[45]\.'])")
-    for part in peft_parts(cfg.peft):
-        if part.method not in SEQ2SEQ:  # the registry says which methods run on an encoder-decoder, and why
-            raise UserError(f"peft.method: {part.method} does not apply to seq2seq models; use one of "
-                            f"{', '.join(SEQ2SEQ)}")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tuneforge.config.peft_methods import PROMPT_LEARNING
-from tuneforge.config.schema import Config, ModelConfig
+from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError
 from tuneforge.models.tensors import header_shapes, shape_mismatch
 

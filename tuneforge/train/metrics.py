@@ -8,15 +8,6 @@ import time
 from pathlib import Path
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import UserError
-
-
-def check_wandb(cfg: Config) -> None:
-    if cfg.logging.wandb is not None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("logging.wandb is set but wandb is not installed: pip install 'tuneforge[wandb]'") from None
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

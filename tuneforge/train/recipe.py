@@ -24,22 +24,22 @@ from tuneforge.data import build_eval_batches, build_train_loader, count_input_t
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, check_strategy_fits, decoder_layers,
-                                   init_distributed, inner_model, launched_world_size, needs_skeleton,
-                                   resolve_strategy, set_gradient_sync, shutdown, wrap_model)
+from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, decoder_layers, init_distributed,
+                                   inner_model, launched_world_size, needs_skeleton, set_gradient_sync, shutdown,
+                                   wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.validate import validate
 from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                               resolve_precision, store_frozen_linears)
-from tuneforge.models.classify import build_classifier_config, check_classification_recipe
+from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
-from tuneforge.models.load import Precision, resolve_kind
+from tuneforge.models.load import Precision
 from tuneforge.peft import apply_finetuning, describe_finetuning
-from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
+from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
 from tuneforge.train.export import consolidated_state, save_final
-from tuneforge.train.metrics import MetricsSink, check_wandb
+from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.rundir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.signals import StopRequest
@@ -78,12 +78,11 @@ class Training:
 
 def finetune(cfg: Config, overwrite: bool = False) -> Path:
     cfg = resolve_model_source(cfg)  # a GGUF file trains as its cached transformers directory (recorded as such)
-    strategy = resolve_strategy(cfg.distributed, launched_world_size())
-    check_strategy_fits(cfg, strategy, launched_world_size())
-    env = init_distributed(strategy)
+    facts = preflight(cfg, launched_world_size())  # the checks that need config.json, the disk or the process count
+    env = init_distributed(facts.strategy)
     training = None
     try:
-        training = setup(cfg, overwrite, env, strategy)
+        training = setup(cfg, overwrite, env, facts)
         if training.finished:  # a finished run's record stays as it is
             if env.is_main:
                 print(f"run {training.run_dir} already finished ({training.start_step} of {training.total_steps} "
@@ -98,15 +97,12 @@ def finetune(cfg: Config, overwrite: bool = False) -> Path:
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------
-def setup(cfg: Config, overwrite: bool, env: DistEnv, strategy: str) -> Training:
-    """Checks, data, model, fine-tuning, wrapping, optimizer, resume, the run directory and the baseline scores.
-    Nothing in the run directory is written until every check that can fail on bad input has passed."""
+def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Training:
+    """Data, model, fine-tuning, wrapping, optimizer, resume, the run directory and the baseline scores, for a recipe
+    the pre-flight accepted. Nothing in the run directory is written until every check that can fail on bad input
+    has passed (commit_run_dir)."""
     run_started = time.perf_counter()
-    check_wandb(cfg)
-    check_output_dir(cfg)
-    check_seq_length(cfg, check_model_config(cfg))
-    kind = resolve_kind(cfg.model)
-    check_classification_recipe(cfg, kind)
+    strategy, kind = facts.strategy, facts.kind
     plan = plan_run_dir_on_main(cfg, overwrite, env)
     resume_from = plan.resume_from
     if resume_from is not None and not env.initialized and kind != "sequence_classification":
