@@ -62,8 +62,8 @@ def test_schema_literal_and_help_are_the_registry():
 def test_every_derived_list_is_the_derivation_of_the_registry():
     """The module's lists are its functions applied to METHODS, and the consumers use those very objects."""
     from tuneforge import peft as peft_layer
-    from tuneforge.config.rules import peft as rules
-    from tuneforge.models import classify, seq2seq
+    from tuneforge.config.rules import kind, peft as rules
+    from tuneforge.config.rules import distributed as strategy_rules
     from tuneforge.peft import fit
 
     methods = METHODS
@@ -80,7 +80,8 @@ def test_every_derived_list_is_the_derivation_of_the_registry():
     assert rules.PROMPT_LEARNING is fit.PROMPT_LEARNING is peft_layer.PROMPT_LEARNING is registry.PROMPT_LEARNING
     assert peft_layer.MARKERS is registry.MARKERS and peft_layer.PEFT_TYPES is registry.PEFT_TYPES
     assert peft_layer.MERGEABLE is registry.MERGEABLE
-    assert seq2seq.SEQ2SEQ is registry.SEQ2SEQ and classify.CLASSIFIER is registry.CLASSIFIER
+    assert kind.SEQ2SEQ is registry.SEQ2SEQ and kind.CLASSIFIER is registry.CLASSIFIER
+    assert strategy_rules.BY_NAME is registry.BY_NAME
 
 
 def test_one_more_entry_flows_into_every_list():
@@ -217,7 +218,7 @@ def test_mergeable_methods_merge_to_the_same_logits(method):
 
 @pytest.mark.parametrize("method", [m.name for m in METHODS])
 def test_seq2seq_support_is_what_runs_on_an_encoder_decoder(method, tiny_models):
-    from tuneforge.models.seq2seq import check_seq2seq_recipe
+    from tuneforge.config.rules.kind import check_seq2seq_recipe
     from tuneforge.peft import apply_peft
 
     cfg = recipe(peft={"method": method})
@@ -234,13 +235,16 @@ def test_seq2seq_support_is_what_runs_on_an_encoder_decoder(method, tiny_models)
 
 @pytest.mark.parametrize("method", [m.name for m in METHODS])
 def test_classifier_support_keeps_the_head_training(method):
-    from tuneforge.models.classify import KIND, check_classification_recipe
+    from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND, check_classification_recipe
     from tuneforge.peft import apply_peft
 
-    cfg = load_config({**BASE, "model": {"name_or_path": str(STORIES), "kind": KIND}, "peft": {"method": method},
-                       "data": {"train": {"path": str(SQUAD_TRAIN), "format": "classification"}}},
-                      check_paths=False)
+    raw = {**BASE, "model": {"name_or_path": str(STORIES), "kind": KIND}, "peft": {"method": method},
+           "data": {"train": {"path": str(SQUAD_TRAIN), "format": "classification"}}}
+    # model.kind auto: the kind rules then wait for the pre-flight's kind, and this test calls them itself
+    cfg = load_config({**raw, "model": {"name_or_path": str(STORIES)}}, check_paths=False)
     if not BY_NAME[method].classifier:
+        with pytest.raises(UserError, match=f"peft.method: {method} is not supported with sequence_classification"):
+            load_config(raw, check_paths=False)  # a recipe that names the kind is refused as it loads
         with pytest.raises(UserError, match=f"peft.method: {method} is not supported with sequence_classification"):
             check_classification_recipe(cfg, KIND)
         return
