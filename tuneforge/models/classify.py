@@ -15,19 +15,12 @@ import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 
 KIND = "sequence_classification"
 HEAD_NAMES = ("score", "classifier")  # transformers' attribute for the classifier (decoder LMs / encoders)
 HEAD_CODE = "tuneforge_head.py"
 PEFT_METHODS = ("lora", "ia3")  # methods whose peft config keeps the head trainable (modules_to_save)
-
-
-def transformers_model(model):
-    """The transformers model inside DDP and peft wrappers."""
-    inner = getattr(model, "module", model)
-    while hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
 
 
 def is_classifier(model) -> bool:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tuneforge.config.schema import Config
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 
 # peft methods that run on an encoder-decoder model; llama_adapter is Llama-only and tuneforge's bottleneck
 # adapters hook decoder-only layer stacks.
@@ -23,8 +24,7 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_at
 
 
 def model_config(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, "config", None)
+    return getattr(transformers_model(model), "config", None)
 
 
 def is_encoder_decoder(model) -> bool:

@@ -22,6 +22,7 @@ from typing import Union
 
 from tuneforge.config.schema import Config, PeftConfig
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 from tuneforge.models.quantize import quiet_bitsandbytes
 from tuneforge.peft.validate import MERGEABLE, PROMPT_LEARNING, peft_parts
 
@@ -127,15 +128,6 @@ def adapter_chain(model) -> list[tuple[str, object]]:
         at = sum(1 for method, _ in chain if method not in PROMPT_LEARNING)
         chain.insert(at, ("adapter", m))
     return chain
-
-
-def transformers_model(model):
-    """The innermost transformers model under any stack of PeftModels."""
-    from peft import PeftModel
-
-    while isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return model
 
 
 def adapter_summary(model) -> str:

@@ -22,7 +22,7 @@ from tuneforge.data import build_eval_batches, build_train_loader, count_input_t
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, check_strategy_fits, decoder_layers, evaluating,
+from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, check_strategy_fits, evaluating,
                                    init_distributed, inner_model, launched_world_size, needs_skeleton,
                                    resolve_strategy, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
@@ -32,15 +32,16 @@ from tuneforge.models import (count_label_tokens, count_parameters, load_model, 
                               resolve_precision, store_frozen_linears)
 from tuneforge.models.classify import build_classifier_config, check_classification_recipe, is_classifier
 from tuneforge.models.gguf import resolve_model_source
+from tuneforge.models.layers import decoder_layers
 from tuneforge.models.load import resolve_kind
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.peft.fit import check_checkpoint_fits
 from tuneforge.preflight import check_checkpoint_room, check_model_config, check_output_dir, check_seq_length
 from tuneforge.report import write_report
+from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, check_wandb
 from tuneforge.train.optim import build_optimizer, build_scheduler
-from tuneforge.train.rundir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
