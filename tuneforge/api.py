@@ -37,8 +37,9 @@ def generate(run_dir: str | os.PathLike, prompts: str | list[str], max_new_token
              temperature: float = 0.0, stop_at_newline: bool = False, base: bool = False) -> str | list[str]:
     """Continue each prompt with the run's model (greedy unless temperature > 0); one prompt gives one string, a
     list gives a list. Loads the model on every call: for many prompts pass them in one list."""
-    from tuneforge.eval.generate import Sampling, generate as generate_batch, load_run_model
+    from tuneforge.eval.generate import Sampling, generate as generate_batch
     from tuneforge.models import resolve_precision
+    from tuneforge.run.load import load_run_model
 
     model, tokenizer, cfg = load_run_model(run_dir, base=base)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)

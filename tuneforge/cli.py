@@ -251,9 +251,10 @@ def cmd_generate(args) -> int:
         raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if (args.input is None) != (args.output is None):
         raise UserError("generate: --input and --output go together")
-    from tuneforge.eval import generate, load_run_model
     from tuneforge.eval.batch import sampling_from_args
+    from tuneforge.eval.generate import generate
     from tuneforge.models import resolve_precision
+    from tuneforge.run.load import load_run_model
 
     sampling = sampling_from_args(args)
     model, tokenizer, cfg = load_run_model(args.run, base=args.base)
@@ -319,7 +320,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from tuneforge.peft.merge import merge_run
+    from tuneforge.run.merge import merge_run
 
     out = merge_run(args.run, args.out, args.dtype, args.overwrite)
     print(f"merged model written to {out}")

@@ -41,8 +41,8 @@ def vllm_command(out: Path, name: str, adapter: Path | None = None, base: str | 
 
 def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False) -> str:
     """Write the run's model to `out` for vLLM and return the `vllm serve` command that serves it."""
-    from tuneforge.eval.generate import load_run
     from tuneforge.models.seq2seq import is_seq2seq_output
+    from tuneforge.run.load import load_run
 
     run_dir, out = Path(run_dir), Path(out)
     cfg, final = load_run(run_dir)
@@ -60,7 +60,7 @@ def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False
         adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
         return vllm_command(out, name, adapter, adapter_cfg.get("base_model_name_or_path"), adapter_cfg.get("r"))
     if is_adapter(final):
-        from tuneforge.peft.merge import merge_run
+        from tuneforge.run.merge import merge_run
 
         # the one merge path: a QLoRA run merges into a full-precision reload of its base, never into 4-bit weights
         merge_run(run_dir, out)

@@ -99,7 +99,7 @@ def hub_token() -> str:
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
-    from tuneforge.eval.generate import load_run
+    from tuneforge.run.load import load_run
 
     run_dir = Path(run_dir)
     _, final = load_run(run_dir)

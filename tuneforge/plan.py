@@ -123,7 +123,7 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
 def trace_model(cfg: Config, autocast, strategy: str) -> ModelFacts:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tuneforge.distributed import decoder_layers
+    from tuneforge.models.layers import decoder_layers
     from tuneforge.models.load import count_parameters, load_model_skeleton, store_frozen_linears
     from tuneforge.peft import apply_finetuning
 

@@ -92,7 +92,7 @@ def test_lora_with_an_mlp_head_on_a_causal_lm(tmp_path):
     in full (peft modules_to_save). eval, merge and plain transformers (trust_remote_code) agree with training."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tuneforge.peft.merge import merge_run
+    from tuneforge.run.merge import merge_run
 
     run = finetune(RECIPE, overrides(
         tmp_path, "mlp", STORIES, "model.kind=sequence_classification", "model.head={hidden_layers: [32], dropout: 0}",

@@ -12,7 +12,7 @@ from tests.e2e.test_peft_methods import assert_merged_matches_unmerged
 
 
 def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_recipe, tmp_path):
-    from tuneforge.eval import load_run_model
+    from tuneforge.run.load import load_run_model
 
     out = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(
         tmp_path, "qlora", "data.train.limit=8", "data.seq_length=128", "train.max_steps=4",
@@ -37,7 +37,7 @@ def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_rec
     export_vllm(tmp_path / "qlora", tmp_path / "vllm")  # vLLM gets that same full-precision merge, not 4-bit weights
     exported, want = load_file(tmp_path / "vllm/model.safetensors"), load_file(merged / "model.safetensors")
     assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
-    from tuneforge.peft.merge import merge_run
+    from tuneforge.run.merge import merge_run
 
     merge_run(tmp_path / "qlora", tmp_path / "merged-bf16", "bfloat16")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged-bf16").dtype == torch.bfloat16

@@ -60,8 +60,8 @@ def _dev_batch(tokenizer):
 def test_full_and_lora_runs_learn_and_save_hf_outputs(runs):
     from transformers import AutoModelForSeq2SeqLM
 
-    from tuneforge.distributed import decoder_layers
     from tuneforge.hub import build_model_card
+    from tuneforge.models.layers import decoder_layers
 
     for name in ("full", "lora"):
         losses = train_losses(runs[name])
@@ -111,10 +111,10 @@ def test_adapter_reloads_in_plain_peft_and_merges(runs, tmp_path):
 
     from tuneforge.data import build_eval_batches, prepare_source
     from tuneforge.data.seq2seq import build_seq2seq_collator
-    from tuneforge.eval.generate import load_run_model
     from tuneforge.models import count_label_tokens, load_tokenizer
     from tuneforge.models.seq2seq import seq2seq_loss
-    from tuneforge.peft.merge import merge_run
+    from tuneforge.run.load import load_run_model
+    from tuneforge.run.merge import merge_run
 
     final = runs["lora"] / "final"
     plain = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(runs["model"]), str(final)).eval()

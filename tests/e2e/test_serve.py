@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_model(run_dir):
-    from tuneforge.eval.generate import load_run_model
+    from tuneforge.run.load import load_run_model
 
     return load_run_model(run_dir)
 
@@ -298,7 +298,7 @@ def test_serve_on_a_taken_port_is_one_line(run_dir, capsys):
 
 
 def test_vllm_command_serves_the_adapter_as_a_lora_module(run_dir, tmp_path):
-    from tuneforge.eval.generate import load_run
+    from tuneforge.run.load import load_run
     from tuneforge.serve.vllm import vllm_serve_command, vllm_servable
 
     cfg, final = load_run(run_dir)

@@ -18,6 +18,7 @@ from torch import nn
 from tuneforge.config.rules.distributed import check_dp_replicate
 from tuneforge.config.schema import DistributedConfig
 from tuneforge.models.loss import training_loss
+from tuneforge.models.layers import decoder_layers
 
 log = logging.getLogger("tuneforge")
 
@@ -95,17 +96,6 @@ class TrainModule(nn.Module):
         embeddings, final norm and LM head: called on the inner model, those would stay sharded (DTensors), since
         only the decoder layers' own units gather around their forwards."""
         return self.model.generate(**kwargs)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: classes named in `_no_split_modules`, else the longest ModuleList."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "_no_split_modules", None) or [])
-    layers = [m for m in inner.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    lists = [m for m in inner.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_dtype, reduce_dtype) -> nn.Module:

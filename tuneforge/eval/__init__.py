@@ -1,4 +1,4 @@
-"""Loading a finished run's model, and generation."""
-from tuneforge.eval.generate import generate, load_run, load_run_model
+"""Evaluation: validation loss, generation, SQuAD, classification, lm-evaluation-harness.
 
-__all__ = ["generate", "load_run", "load_run_model"]
+Import from the modules themselves (`tuneforge.eval.generate`, `tuneforge.eval.evaluate`, ...): this package binds
+no names, so none shadows a submodule. A finished run loads through `tuneforge.run.load`."""

@@ -23,10 +23,10 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
 def validate_classifier(module, batches, precision, env) -> dict:
     """val_loss (mean cross-entropy per example), val_accuracy, val_macro_f1 over all validation sets; with several
     named sets ({name: batches}) also val_loss/<name>, val_accuracy/<name>, val_macro_f1/<name>."""
-    from tuneforge.distributed import all_reduce_sum, evaluating, inner_model
-    from tuneforge.models.classify import transformers_model
+    from tuneforge.distributed import all_reduce_sum, evaluating
+    from tuneforge.models.layers import transformers_model
 
-    num_labels = transformers_model(inner_model(module)).config.num_labels
+    num_labels = transformers_model(module).config.num_labels
     named = batches if isinstance(batches, dict) else {"": batches}
     per_set = {}
     with evaluating(module):
@@ -64,7 +64,7 @@ def evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size: i
     from tuneforge.data.classify import prepare_classification_set
     from tuneforge.data.loader import build_eval_batches
     from tuneforge.distributed import DistEnv, TrainModule
-    from tuneforge.models.classify import transformers_model
+    from tuneforge.models.layers import transformers_model
 
     config = transformers_model(model).config
     names = [config.id2label[i] for i in range(config.num_labels)]

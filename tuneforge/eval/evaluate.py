@@ -22,12 +22,12 @@ from tuneforge.eval.generate import generate
 from tuneforge.eval.sources import dataset_format, squad_source, validation_sources
 from tuneforge.eval.squad import squad_scores
 from tuneforge.models.classify import is_classifier
+from tuneforge.models.layers import transformers_model
 
 
 def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:
     """Prompt tokens that leave room for the answer within seq_length and the model's positions."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    positions = getattr(inner.config, "max_position_embeddings", None) or seq_length
+    positions = getattr(transformers_model(model).config, "max_position_embeddings", None) or seq_length
     return max(8, min(seq_length, positions) - max_new_tokens)
 
 
@@ -197,8 +197,8 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
                  overrides: list[str] | None = None) -> dict:
     """Score a finished run: loss / perplexity on its validation sets (or --dataset) and SQuAD EM/F1 where there are
     SQuAD questions. Writes eval/squad_predictions.json and eval/scores.json (eval/base/ for the base model)."""
-    from tuneforge.eval.generate import load_run_model
     from tuneforge.models import resolve_precision
+    from tuneforge.run.load import load_run_model
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit: must be >= 1, got {limit}")

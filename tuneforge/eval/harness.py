@@ -63,8 +63,8 @@ def parse_harness_args(items: list[str], simple_evaluate) -> dict:
 
 
 def model_args(run_dir: Path, base: bool) -> dict:
-    from tuneforge.eval.generate import load_run
     from tuneforge.export import is_adapter
+    from tuneforge.run.load import load_run
 
     cfg, final = load_run(run_dir)
     import torch

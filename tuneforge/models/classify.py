@@ -17,17 +17,10 @@ import torch.nn.functional as F
 from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 
 HEAD_NAMES = ("score", "classifier")  # transformers' attribute for the classifier (decoder LMs / encoders)
 HEAD_CODE = "tuneforge_head.py"
-
-
-def transformers_model(model):
-    """The transformers model inside DDP and peft wrappers."""
-    inner = getattr(model, "module", model)
-    while hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
 
 
 def is_classifier(model) -> bool:

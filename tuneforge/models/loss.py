@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.classify import classification_loss, is_classifier
 from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
+from tuneforge.models.layers import transformers_model
 
 _UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
 
@@ -38,17 +39,12 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def _unwrap(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, "module", inner)
-
-
 def _split_head(model):
     """(backbone, head) of a causal LM when its logits are a plain linear map of the last hidden state."""
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return None  # virtual tokens are prepended by PeftModel.forward itself
-    inner = _unwrap(model)
+    inner = transformers_model(model)
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if backbone is None or head is None or backbone is inner:

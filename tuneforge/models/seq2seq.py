@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
+from tuneforge.models.layers import transformers_model
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
 
 def model_config(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, "config", None)
+    return getattr(transformers_model(model), "config", None)
 
 
 def is_encoder_decoder(model) -> bool:

@@ -25,6 +25,7 @@ from tuneforge.config.peft_methods import (BOTTLENECK, BY_NAME, MARKERS, MERGEAB
 from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config, PeftConfig
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import apply_activation_checkpointing, checkpointing_kwargs
 from tuneforge.models.quantize import quiet_bitsandbytes
 
@@ -126,15 +127,6 @@ def adapter_chain(model) -> list[tuple[str, object]]:
         at = sum(1 for method, _ in chain if method not in PROMPT_LEARNING)
         chain.insert(at, ("adapter", m))
     return chain
-
-
-def transformers_model(model):
-    """The innermost transformers model under any stack of PeftModels."""
-    from peft import PeftModel
-
-    while isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return model
 
 
 def adapter_summary(model) -> str:

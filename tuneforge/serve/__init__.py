@@ -73,8 +73,8 @@ def build_server(run_dir: str | Path, sock: socket.socket, api_key: str | None =
     """(uvicorn.Server, engine) serving the run's model with the transformers engine on `sock`;
     `server.run(sockets=[sock])` serves until `server.should_exit` is set."""
     uvicorn = import_web_stack()
-    from tuneforge.eval.generate import load_run_model
     from tuneforge.models import resolve_precision
+    from tuneforge.run.load import load_run_model
     from tuneforge.serve.app import Served, build_app
     from tuneforge.serve.engine import TransformersEngine
 
@@ -92,7 +92,7 @@ def build_server(run_dir: str | Path, sock: socket.socket, api_key: str | None =
 
 def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
               api_key: str | None = None, limits: Limits | None = None, chat_template: str | None = None) -> int:
-    from tuneforge.eval.generate import load_run
+    from tuneforge.run.load import load_run
     from tuneforge.serve.vllm import check_vllm, use_vllm, vllm_serve_command
 
     check_limits(limits or Limits())

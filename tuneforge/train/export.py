@@ -7,8 +7,9 @@ from pathlib import Path
 
 from tuneforge.config.schema import Config
 from tuneforge.models.classify import is_classifier, save_classifier_extras
+from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import is_local
-from tuneforge.peft import save_adapters, transformers_model
+from tuneforge.peft import save_adapters
 
 
 def consolidated_state(module, env, trainable_only: bool) -> dict | None:

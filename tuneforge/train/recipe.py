@@ -24,9 +24,8 @@ from tuneforge.data import build_eval_batches, build_train_loader, count_input_t
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, decoder_layers, init_distributed,
-                                   inner_model, launched_world_size, needs_skeleton, set_gradient_sync, shutdown,
-                                   wrap_model)
+from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
+                                   launched_world_size, needs_skeleton, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.validate import validate
@@ -34,14 +33,15 @@ from tuneforge.models import (count_label_tokens, count_parameters, load_model, 
                               resolve_precision, store_frozen_linears)
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
+from tuneforge.models.layers import decoder_layers
 from tuneforge.models.load import Precision
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
+from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.export import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
-from tuneforge.train.rundir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")

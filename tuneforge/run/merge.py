@@ -11,6 +11,11 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.models import load_model, load_tokenizer
+from tuneforge.models.classify import save_head_code, saved_model_config
+from tuneforge.peft import check_mergeable, load_adapters
+from tuneforge.peft.fit import check_adapters_fit
+from tuneforge.run.load import load_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -18,12 +23,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write base + merged adapter (+ tokenizer) to `out`; AutoModelForCausalLM.from_pretrained loads it
     (AutoModelForSeq2SeqLM for an encoder-decoder)."""
-    from tuneforge.eval.generate import load_run
-    from tuneforge.models import load_model, load_tokenizer
-    from tuneforge.models.classify import save_head_code, saved_model_config
-    from tuneforge.peft import check_mergeable, load_adapters
-    from tuneforge.peft.fit import check_adapters_fit
-
     cfg, final = load_run(run_dir)
     check_mergeable(final)
     check_adapters_fit(cfg.model, final)
