@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.run.load import is_adapter
 
 # vLLM accepts these values for --max-lora-rank; the adapter's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -18,10 +19,6 @@ def check_out(out: Path) -> None:
     that cannot be exported leaves nothing behind."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty directory")
-
-
-def is_adapter(final: Path) -> bool:
-    return (final / "adapter_config.json").is_file()
 
 
 def vllm_args(out: Path, name: str, adapter: Path | None = None, base: str | None = None,

@@ -63,8 +63,7 @@ def parse_harness_args(items: list[str], simple_evaluate) -> dict:
 
 
 def model_args(run_dir: Path, base: bool) -> dict:
-    from tuneforge.export import is_adapter
-    from tuneforge.run.load import load_run
+    from tuneforge.run.load import is_adapter, load_run
 
     cfg, final = load_run(run_dir)
     import torch

@@ -13,6 +13,12 @@ from tuneforge.peft import load_adapters, saved_adapters
 from tuneforge.peft.fit import check_adapters_fit
 
 
+def is_adapter(final: Path) -> bool:
+    """Whether a run's final/ holds one plain peft adapter (adapter_config.json), which vLLM and lm-eval load
+    beside the base model."""
+    return (final / "adapter_config.json").is_file()
+
+
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
