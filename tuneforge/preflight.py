@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 log = logging.getLogger("tuneforge")
 
@@ -40,8 +40,7 @@ def check_model_config(cfg: Config):
             raise UserError(f"model.name_or_path: '{m.name_or_path}' is no local directory and is not in the Hub "
                             "cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download) "
                             "or give a local path") from None
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first})") from None
+        raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first_line(e)})") from None
     if resolve_kind(m, config) == "seq2seq":
         from tuneforge.models.seq2seq import check_seq2seq_model, check_seq2seq_recipe
 

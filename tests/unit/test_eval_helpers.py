@@ -97,6 +97,26 @@ def test_harness_args_are_checked_against_simple_evaluate():
         parse_tasks("missing.yaml")
 
 
+@pytest.mark.parametrize("message, shown", [("", "ValueError"), ("\n  bad limit  \nmore detail", "bad limit")])
+def test_lm_eval_refusing_the_run_is_one_line_even_without_a_message(monkeypatch, tmp_path, message, shown):
+    from tuneforge.eval import harness
+
+    def simple_evaluate(model, model_args=None, tasks=None, task_manager=None, batch_size=None):
+        raise ValueError(message)
+
+    class TaskManager:
+        all_tasks = ["hellaswag"]
+
+        def __init__(self, include_path=None):
+            pass
+    monkeypatch.setattr(harness, "import_lm_eval", lambda: (SimpleNamespace(simple_evaluate=simple_evaluate),
+                                                            TaskManager))
+    monkeypatch.setattr(harness, "model_args", lambda run_dir, base: {"pretrained": "x"})
+    with pytest.raises(UserError, match=rf"^--harness: lm-eval rejected the run \({shown}\)$"):
+        harness.run_harness(tmp_path, "hellaswag", [])
+    assert not (tmp_path / "eval").exists()
+
+
 def test_squad_questions_come_from_the_validation_sources_split(tmp_path):
     import datasets
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 
 @dataclass
@@ -162,8 +162,9 @@ def _load_hub(name: str, split: str):
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown id, no such split: one line, not a traceback
-        raise UserError(f"{name}: cannot load Hub dataset split '{split}' ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        kind, detail = e.__class__.__name__, first_line(e)
+        why = kind if detail == kind else f"{kind}: {detail}"  # the class name alone when the message is empty
+        raise UserError(f"{name}: cannot load Hub dataset split '{split}' ({why})") from None
 
 
 def _dataset_rows(ds, name: str) -> Iterator[tuple[str, Any]]:

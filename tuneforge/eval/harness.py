@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 INSTALL = "pip install 'tuneforge[eval]'"
 
@@ -110,7 +110,7 @@ def run_harness(run_dir: str | Path, tasks: str, harness_args: list[str], base: 
     try:
         out = lm_eval.simple_evaluate(model="hf", model_args=margs, tasks=names, task_manager=manager, **kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"--harness: lm-eval rejected the run ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"--harness: lm-eval rejected the run ({first_line(e)})") from None
     scores = numeric_results(out or {})
     from tuneforge.eval.evaluate import eval_dir
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tuneforge.checkpoint import file_sha256
 from tuneforge.config.schema import Config, ModelConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 log = logging.getLogger("tuneforge")
 SOURCE_FILE = "tuneforge_gguf_source.json"  # beside the cached model: which file it came from
@@ -85,8 +85,7 @@ def locate_gguf(m: ModelConfig) -> Path:
         raise UserError(f"{where}: the Hub file '{m.gguf_file}' is not in the local cache and cannot be downloaded "
                         "(offline?); download it first (hf download) or give a local .gguf path") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"{where}: cannot download '{m.gguf_file}' ({first})") from None
+        raise UserError(f"{where}: cannot download '{m.gguf_file}' ({first_line(e)})") from None
 
 
 def check_gguf_file(path: Path, m: ModelConfig) -> str:
@@ -102,9 +101,8 @@ def check_gguf_file(path: Path, m: ModelConfig) -> str:
         reader = GGUFReader(path)  # maps every tensor: a truncated file fails here, before any dequantizing
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, KeyError, IndexError, struct errors
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise UserError(f"model.name_or_path: '{path}' is not a readable GGUF file (truncated or corrupt: "
-                        f"{first})") from None
+                        f"{first_line(e)})") from None
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UserError(f"model.name_or_path: '{path}' holds a '{arch}' model, which transformers cannot read from "
                         f"GGUF (it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
@@ -125,8 +123,7 @@ def write_dequantized(gguf_path: Path, target: Path, m: ModelConfig, digest: str
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"model.name_or_path: cannot read a model from '{gguf_path}' ({first})") from None
+        raise UserError(f"model.name_or_path: cannot read a model from '{gguf_path}' ({first_line(e)})") from None
     # The weights are dense fp32 now: nothing of the GGUF quantization is left to describe.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None

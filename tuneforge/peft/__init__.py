@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Union
 
 from tuneforge.config.schema import Config, PeftConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 from tuneforge.models.quantize import quiet_bitsandbytes
 from tuneforge.peft.validate import MERGEABLE, PROMPT_LEARNING, peft_parts
 
@@ -102,7 +102,7 @@ def _get_peft_model(model, part: PeftConfig):
     try:
         return peft.get_peft_model(model, build_peft_config(part, model))
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        first = first_line(e)
         if part.method in ("lora", "ia3"):
             raise UserError(f"peft.target_modules: {part.target_modules!r} does not fit this model ({first})") from None
         raise UserError(f"peft.method: {part.method} does not fit this {type(model).__name__} ({first})") from None
