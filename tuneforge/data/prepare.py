@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, dataset_fingerprin
 from tuneforge.data.tokenize import (IGNORE, Example, TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
                                     tokenize_records)
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_dir
 
 CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs
 
@@ -190,19 +190,15 @@ def _load_cached(entry: Path) -> tuple[TokenTable, dict] | None:
 
 
 def _save_cached(entry: Path, table: TokenTable, meta: dict) -> None:
-    """Written to a temporary directory then renamed, so a crash never leaves a half entry that later loads."""
-    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    """Built in a temporary directory and swapped in (files.atomic_dir), so a crash never leaves a half entry that
+    later loads, nor removes a (damaged) old one before the new one is whole."""
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        for k in ("ids", "mask", "offsets"):
-            np.save(tmp / f"{k}.npy", getattr(table, k))
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if entry.exists():
-            shutil.rmtree(entry)
-        tmp.rename(entry)
+        with atomic_dir(entry) as tmp:
+            for k in ("ids", "mask", "offsets"):
+                np.save(tmp / f"{k}.npy", getattr(table, k))
+            (tmp / "meta.json").write_text(json.dumps(meta))
     except OSError as e:  # a read-only or full cache directory slows the next run down; it is not an error
         print(f"tuneforge: warning: cannot write data cache {entry} ({e.strerror})", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- tokenization of one source --------------------------------------------------------------------------------

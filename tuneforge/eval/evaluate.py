@@ -21,6 +21,7 @@ from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
 from tuneforge.eval.sources import dataset_format, squad_source, validation_sources
 from tuneforge.eval.squad import squad_scores
+from tuneforge.files import write_atomic
 from tuneforge.models.classify import is_classifier
 
 
@@ -240,8 +241,9 @@ def write_eval(run_dir: Path, results: dict, predictions: dict[str, str] | None,
     out = eval_dir(run_dir, base)
     out.mkdir(parents=True, exist_ok=True)
     if predictions is not None:
-        (out / "squad_predictions.json").write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
-    (out / "scores.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+        write_atomic(out / "squad_predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
+    # a second eval replaces the first one's scores: a crash mid-write keeps the old ones whole
+    write_atomic(out / "scores.json", json.dumps(_finite(results), indent=1) + "\n")
 
 
 def _finite(results: dict) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError, first_line
+from tuneforge.files import write_atomic
 
 INSTALL = "pip install 'tuneforge[eval]'"
 
@@ -116,6 +117,6 @@ def run_harness(run_dir: str | Path, tasks: str, harness_args: list[str], base: 
 
     out_dir = eval_dir(run_dir, base)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "harness.json").write_text(json.dumps({"tasks": names, "model_args": margs, "args": kwargs,
-                                                      "results": scores}, indent=1, default=str) + "\n")
+    write_atomic(out_dir / "harness.json", json.dumps({"tasks": names, "model_args": margs, "args": kwargs,
+                                                       "results": scores}, indent=1, default=str) + "\n")
     return scores
