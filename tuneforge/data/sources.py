@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from tuneforge.errors import UserError, first_line
 
@@ -51,7 +51,6 @@ FORMAT_FIELDS = {
     "chat": ("messages",),
     "text": ("text",),
 }
-_OPTIONAL = {"alpaca": {"input"}, "dolly": {"context"}}
 _TABLE_SUFFIXES = (".json", ".jsonl", ".arrow", ".parquet", ".txt")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -336,6 +335,3 @@ def load_source_records(source, notes: Counter | None = None) -> list[Record]:
     """load_records for a config `DataSource`."""
     return load_records(source.path, source.format, source.limit, columns=source.columns,
                         unanswerable=source.unanswerable, split=source.split, notes=notes)
-
-
-READERS: dict[str, Callable] = {"squad": read_squad}
