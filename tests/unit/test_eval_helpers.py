@@ -9,6 +9,7 @@ from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES
 from tuneforge.config import load_config
 from tuneforge.config.load import to_dict
 from tuneforge.config.schema import DataConfig, DataSource
+from tuneforge.data import source_name
 from tuneforge.data.sources import Record
 from tuneforge.errors import UserError
 from tuneforge.eval.evaluate import fit_prompt
@@ -22,11 +23,21 @@ def base_cfg(**extra):
 def test_validation_sources_accepts_none_one_list_or_mapping():
     a, b = DataSource(path="x/a.json"), DataSource(path="y/a.json", format="input_output")
     assert validation_sources(DataConfig(validation=None)) == []
-    assert validation_sources(DataConfig(validation=a)) == [("validation", a)]
-    assert validation_sources(DataConfig(validation=[a, b])) == [("a", a), ("a_2", b)]
+    assert validation_sources(DataConfig(validation=a)) == [("a", a)]
     named = SimpleNamespace(name="dev", path="z.jsonl", format="squad")
     assert validation_sources(DataConfig(validation=[named])) == [("dev", named)]
     assert validation_sources(DataConfig(validation={"dev": a, "test": b})) == [("dev", a), ("test", b)]
+    # as in training: two sets of one name would report one val_loss/<name>
+    with pytest.raises(UserError, match="data.validation: two sets are named 'a'; give each a distinct `name`"):
+        validation_sources(DataConfig(validation=[a, b]))
+
+
+def test_eval_names_validation_sets_as_training_does():
+    sets = [DataSource(path="data/dev.json"), DataSource(path="org/squad_v2"), DataSource(path="d/x.jsonl", name="held"),
+            DataSource(path="saved/arrow_dir")]
+    data = DataConfig(validation=sets)
+    assert [name for name, _ in validation_sources(data)] == [source_name(s) for s in sets] == \
+        ["dev", "squad_v2", "held", "arrow_dir"]
 
 
 def test_squad_source_prefers_dataset_then_eval_path_then_squad_validation():

@@ -125,10 +125,25 @@ def as_sources(value: DataSource | list[DataSource] | None) -> list[DataSource]:
 
 
 def source_name(source: DataSource) -> str:
+    """What a source is called in reports and metrics (val_loss/<name>): its `name`, else its file's stem (the last
+    part of a directory or Hub id). Training and `tuneforge eval` both name their sets by this one rule."""
     if source.name:
         return source.name
     p = Path(source.path)
     return p.stem if p.suffix else p.name
+
+
+def validation_sets(data: DataConfig) -> list[tuple[str, DataSource]]:
+    """(name, source) for every data.validation source, in recipe order. Two sets of one name are refused: their
+    val_loss/<name> would be one number."""
+    named, seen = [], set()
+    for source in as_sources(data.validation):
+        name = source_name(source)
+        if name in seen:
+            raise UserError(f"data.validation: two sets are named '{name}'; give each a distinct `name`")
+        seen.add(name)
+        named.append((name, source))
+    return named
 
 
 def template_for(data: DataConfig, source: DataSource) -> str:
@@ -327,12 +342,8 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, progress: bool = True,
                             "already text and label (run without --out)")
         return prepare_classification_data(data, tokenizer, seed)
     train = prepare_set(data, as_sources(data.train), tokenizer, keep_records, progress)
-    vals: dict[str, PreparedData] = {}
-    for source in as_sources(data.validation):
-        name = source_name(source)
-        if name in vals:
-            raise UserError(f"data.validation: two sets are named '{name}'; give each a distinct `name`")
-        vals[name] = prepare_set(data, [source], tokenizer, keep_records, progress)
+    vals = {name: prepare_set(data, [source], tokenizer, keep_records, progress)
+            for name, source in validation_sets(data)}
     if data.val_split and not vals:
         train, vals["val_split"] = split_validation(train, data.val_split, seed)
     return train, vals

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
+from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
@@ -207,7 +207,8 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     precision = resolve_precision(cfg.model.dtype, model.device.type)
     if dataset is not None:
         fmt = "classification" if is_classifier(model) else dataset_format(dataset)
-        sources = [(Path(dataset).stem, DataSource(path=dataset, format=fmt, limit=limit))]
+        given = DataSource(path=dataset, format=fmt, limit=limit)
+        sources = [(source_name(given), given)]
     else:
         sources = [(name, _limited(src, limit)) for name, src in validation_sources(cfg.data)]
     for _, src in sources:

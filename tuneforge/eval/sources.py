@@ -6,32 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config.schema import Config, DataConfig, DataSource
+from tuneforge.data.prepare import validation_sets
 from tuneforge.errors import UserError
 
 
 def validation_sources(data: DataConfig) -> list[tuple[str, Any]]:
-    """(name, source) for every validation set, in recipe order; a lone source is named 'validation'."""
-    val = data.validation
-    if val is None:
-        return []
-    if isinstance(val, dict):
-        return [(str(name), src) for name, src in val.items()]
-    if isinstance(val, (list, tuple)):
-        named = []
-        for i, src in enumerate(val):
-            name = getattr(src, "name", None) or Path(src.path).stem or f"validation_{i}"
-            named.append((name, src))
-        return _unique(named)
-    return [("validation", val)]
-
-
-def _unique(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    seen: dict[str, int] = {}
-    out = []
-    for name, src in named:
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", src))
-    return out
+    """(name, source) for every validation set, in recipe order, named as training names them (so eval's
+    val_loss/<name> is training's); a mapping's keys are its names."""
+    if isinstance(data.validation, dict):
+        return [(str(name), src) for name, src in data.validation.items()]
+    return validation_sets(data)
 
 
 def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = None) -> DataSource | None:
