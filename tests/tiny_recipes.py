@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO, SQUAD_DEV, SQUAD_TRAIN
 from tuneforge.config import Config, load_config
-from tuneforge.eval.sources import validation_sources
+from tuneforge.config.sources import validation_sets
 
 # Hub model ids of the shipped recipes -> tiny_models() architecture; a recipe with a new family must be added here.
 FAMILIES = {"meta-llama/": "llama", "huggyllama/": "llama", "openai-community/gpt2": "gpt2", "google/flan-t5": "t5",
@@ -48,7 +48,7 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
            "logging.wandb=null", "logging.tensorboard=false", "logging.progress=false", "checkpoint.every_steps=null",
            "distributed.strategy=single", "train.compile=false"]
     out += _source_overrides("data.train", cfg.data.train, 0, 8)
-    if validation_sources(cfg.data):
+    if validation_sets(cfg.data):
         out += _source_overrides("data.validation", cfg.data.validation, 1, 4)
     if cfg.data.prompt_style == "chat" and not cfg.data.chat_template:
         # the tiny stand-in's tokenizer has no chat template; the recipe's own model is trained with it in

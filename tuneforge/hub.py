@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.config.rules.peft import method_label
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 SCORE_KEYS = ("val_loss", "perplexity", "squad_em", "squad_f1")
 
@@ -116,9 +116,9 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.create_commit(repo_id, operations, commit_message=f"tuneforge: upload run {run_dir.name}")
     except HfHubHTTPError as e:
-        raise UserError(f"push {repo_id}: the Hub refused ({_first_line(e)})") from None
+        raise UserError(f"push {repo_id}: the Hub refused ({first_line(e)})") from None
     except (OSError, ValueError, *_network_errors()) as e:  # no network, DNS, proxy
-        raise UserError(f"push {repo_id}: cannot reach the Hugging Face Hub ({_first_line(e)})") from None
+        raise UserError(f"push {repo_id}: cannot reach the Hugging Face Hub ({first_line(e)})") from None
     return str(url)
 
 
@@ -134,9 +134,3 @@ def _network_errors() -> tuple[type, ...]:
             continue
         errors.append(getattr(mod, "HTTPError", None) or getattr(mod, "RequestException"))
     return tuple(e for e in errors if isinstance(e, type))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
-

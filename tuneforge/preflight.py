@@ -16,7 +16,7 @@ from pathlib import Path
 from tuneforge.config.rules import check_world
 from tuneforge.config.rules.kind import check_kind
 from tuneforge.config.schema import Config
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 from tuneforge.models.load import resolve_kind
 
 log = logging.getLogger("tuneforge")
@@ -76,8 +76,7 @@ def read_model_config(cfg: Config):
             raise UserError(f"model.name_or_path: '{m.name_or_path}' is no local directory and is not in the Hub "
                             "cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download) "
                             "or give a local path") from None
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first})") from None
+        raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first_line(e)})") from None
 
 
 def check_architecture(cfg: Config, config, kind: str) -> None:

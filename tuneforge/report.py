@@ -12,6 +12,7 @@ import yaml
 
 from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError
+from tuneforge.files import write_atomic
 
 # (title, y label, [(metric key, legend label)]) for each plot; a plot with no data is left out.
 PLOTS = [
@@ -157,5 +158,5 @@ def write_report(run_dir: str | Path) -> Path:
     config = _redact(yaml.safe_load(config_path.read_text()) or {})
     rows = read_metrics(run_dir)
     out = run_dir / "report.html"
-    out.write_text(render_html(run_dir, config, rows, build_plots(rows)), encoding="utf-8")
+    write_atomic(out, render_html(run_dir, config, rows, build_plots(rows)))  # replaces the last report whole
     return out

@@ -9,6 +9,7 @@ import torch
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data import IGNORE, TokenTable, build_train_loader, prepare_data, prepare_set
 from tuneforge.data.loader import MicroBatchSampler, epoch_order
+from tuneforge.config.sources import validation_sets
 from tests.conftest import SQUAD_DEV, SQUAD_TRAIN
 
 MODES = ["pad_longest", "pad_to_max_length", "group_by_length", "packing"]
@@ -121,6 +122,7 @@ def test_several_validation_sets_are_named(tok, tmp_path):
                       seq_length=256, cache_dir=str(tmp_path))
     _, vals = prepare_data(data, tok, seed=0, progress=False)
     assert {k: len(v.examples) for k, v in vals.items()} == {"squad": 4, "train": 3}
+    assert list(vals) == [name for name, _ in validation_sets(data)]  # `tuneforge eval` names them the same
 
 
 def test_cache_hits_when_unchanged_and_misses_on_template_data_or_length(tok, tmp_path):

@@ -9,24 +9,36 @@ from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES
 from tuneforge.config import load_config
 from tuneforge.config.load import to_dict
 from tuneforge.config.schema import DataConfig, DataSource
+from tuneforge.data import source_name
 from tuneforge.data.sources import Record
 from tuneforge.errors import UserError
 from tuneforge.eval.evaluate import fit_prompt
-from tuneforge.eval.sources import squad_source, validation_sources
+from tuneforge.config.sources import validation_sets
+from tuneforge.eval.sources import squad_source
 
 
 def base_cfg(**extra):
     return {"model": {"name_or_path": str(STORIES)}, "data": {"train": {"path": str(SQUAD_TRAIN)}}, **extra}
 
 
-def test_validation_sources_accepts_none_one_list_or_mapping():
+def test_validation_sets_accepts_none_one_list_or_mapping():
     a, b = DataSource(path="x/a.json"), DataSource(path="y/a.json", format="input_output")
-    assert validation_sources(DataConfig(validation=None)) == []
-    assert validation_sources(DataConfig(validation=a)) == [("validation", a)]
-    assert validation_sources(DataConfig(validation=[a, b])) == [("a", a), ("a_2", b)]
+    assert validation_sets(DataConfig(validation=None)) == []
+    assert validation_sets(DataConfig(validation=a)) == [("a", a)]
     named = SimpleNamespace(name="dev", path="z.jsonl", format="squad")
-    assert validation_sources(DataConfig(validation=[named])) == [("dev", named)]
-    assert validation_sources(DataConfig(validation={"dev": a, "test": b})) == [("dev", a), ("test", b)]
+    assert validation_sets(DataConfig(validation=[named])) == [("dev", named)]
+    assert validation_sets(DataConfig(validation={"dev": a, "test": b})) == [("dev", a), ("test", b)]
+    # as in training: two sets of one name would report one val_loss/<name>
+    with pytest.raises(UserError, match="data.validation: two sets are named 'a'; give each a distinct `name`"):
+        validation_sets(DataConfig(validation=[a, b]))
+
+
+def test_eval_names_validation_sets_as_training_does():
+    sets = [DataSource(path="data/dev.json"), DataSource(path="org/squad_v2"), DataSource(path="d/x.jsonl", name="held"),
+            DataSource(path="saved/arrow_dir")]
+    data = DataConfig(validation=sets)
+    assert [name for name, _ in validation_sets(data)] == [source_name(s) for s in sets] == \
+        ["dev", "squad_v2", "held", "arrow_dir"]
 
 
 def test_squad_source_prefers_dataset_then_eval_path_then_squad_validation():
@@ -97,7 +109,27 @@ def test_harness_args_are_checked_against_simple_evaluate():
         parse_tasks("missing.yaml")
 
 
-def test_squad_questions_come_from_the_validation_sources_split(tmp_path):
+@pytest.mark.parametrize("message, shown", [("", "ValueError"), ("\n  bad limit  \nmore detail", "bad limit")])
+def test_lm_eval_refusing_the_run_is_one_line_even_without_a_message(monkeypatch, tmp_path, message, shown):
+    from tuneforge.eval import harness
+
+    def simple_evaluate(model, model_args=None, tasks=None, task_manager=None, batch_size=None):
+        raise ValueError(message)
+
+    class TaskManager:
+        all_tasks = ["hellaswag"]
+
+        def __init__(self, include_path=None):
+            pass
+    monkeypatch.setattr(harness, "import_lm_eval", lambda: (SimpleNamespace(simple_evaluate=simple_evaluate),
+                                                            TaskManager))
+    monkeypatch.setattr(harness, "model_args", lambda run_dir, base: {"pretrained": "x"})
+    with pytest.raises(UserError, match=rf"^--harness: lm-eval rejected the run \({shown}\)$"):
+        harness.run_harness(tmp_path, "hellaswag", [])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_squad_questions_come_from_the_validation_sets_split(tmp_path):
     import datasets
 
     from tuneforge.eval.evaluate import build_squad_task

@@ -6,7 +6,6 @@ hashes. It is written to a temporary directory and renamed into place, then LATE
 crash at any moment leaves the newest complete checkpoint discoverable."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from tuneforge.errors import UserError
 from tuneforge.models.load import load_model_skeleton
 from tuneforge.models.tensors import check_tensors_fit, header_shapes
 from tuneforge.peft import apply_finetuning
+from tuneforge.files import file_sha256, fsync_dir, write_atomic
 
 log = logging.getLogger("tuneforge")
 
@@ -35,31 +35,6 @@ SHARDED = "dcp"  # torch.distributed.checkpoint directory of a multi-process run
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_root: Path, state: TrainState, meta: dict, keep_last: int | None,
@@ -116,13 +91,13 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
             os.fsync(fh.fileno())
         files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = ckpt_root / f"step_{step}"
     if final.exists():
         _remove(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / LATEST, final.name)
+    fsync_dir(ckpt_root)
+    write_atomic(ckpt_root / LATEST, final.name)
     _apply_retention(ckpt_root, keep_last, keep=final)
     for leftover in ckpt_root.glob(".tmp-*"):  # from a writer that was killed: never published, only taking room
         shutil.rmtree(leftover, ignore_errors=True)

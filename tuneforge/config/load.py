@@ -16,6 +16,7 @@ import yaml
 from tuneforge.config.rules import check_recipe
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.files import write_atomic
 
 _SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # max_new_tokens is a count
 
@@ -229,7 +230,8 @@ def _redact(node: Any) -> Any:
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    # atomic: a resume compares against this file, and a half-written one would refuse the run
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_schema(cls: type = Config, prefix: str = "") -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config.schema import DataConfig, DataSource
+from tuneforge.errors import UserError
 
 TABLE_SUFFIXES = (".json", ".jsonl", ".arrow", ".parquet", ".txt")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -37,26 +38,25 @@ def recipe_sources(d: DataConfig) -> list[tuple[str, DataSource]]:
     return out
 
 
-def validation_sources(data: DataConfig) -> list[tuple[str, Any]]:
-    """(name, source) for every validation set, in recipe order; a lone source is named 'validation'."""
-    val = data.validation
-    if val is None:
-        return []
-    if isinstance(val, dict):
-        return [(str(name), src) for name, src in val.items()]
-    if isinstance(val, (list, tuple)):
-        named = []
-        for i, src in enumerate(val):
-            name = getattr(src, "name", None) or Path(src.path).stem or f"validation_{i}"
-            named.append((name, src))
-        return _unique(named)
-    return [("validation", val)]
+def source_name(source: DataSource) -> str:
+    """What a source is called in reports and metrics (val_loss/<name>): its `name`, else its file's stem (the last
+    part of a directory or Hub id). Training and `tuneforge eval` both name their sets by this one rule."""
+    if getattr(source, "name", None):
+        return source.name
+    p = Path(source.path)
+    return p.stem if p.suffix else p.name
 
 
-def _unique(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    seen: dict[str, int] = {}
-    out = []
-    for name, src in named:
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", src))
-    return out
+def validation_sets(data: DataConfig) -> list[tuple[str, Any]]:
+    """(name, source) for every data.validation source, in recipe order (a mapping's keys are its names). Two sets
+    of one name are refused: their val_loss/<name> would be one number."""
+    if isinstance(data.validation, dict):
+        return [(str(name), src) for name, src in data.validation.items()]
+    named, seen = [], set()
+    for source in as_sources(data.validation):
+        name = source_name(source)
+        if name in seen:
+            raise UserError(f"data.validation: two sets are named '{name}'; give each a distinct `name`")
+        seen.add(name)
+        named.append((name, source))
+    return named

@@ -4,7 +4,7 @@ from __future__ import annotations
 from tuneforge.data.loader import (Collator, MicroBatchSampler, PackedCollator, batching_report, build_collator,
                                    build_eval_batches, build_train_loader, count_input_tokens)
 from tuneforge.data.prepare import (PreparedData, TokenTable, as_sources, prepare_data, prepare_set, prepare_source,
-                                    source_name, template_for)
+                                    source_name, template_for, validation_sets)
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, load_records, load_source_records
 from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, tokenize_chat, tokenize_records
 
@@ -12,4 +12,4 @@ __all__ = ["DEFAULT_TEMPLATES", "IGNORE", "Collator", "Example", "MicroBatchSamp
            "PreparedData", "Record", "TokenTable", "TokenizeStats", "as_sources", "batching_report",
            "build_collator", "build_eval_batches", "build_train_loader", "count_input_tokens", "load_records",
            "load_source_records", "prepare_data", "prepare_set", "prepare_source", "source_name", "template_for",
-           "tokenize_chat", "tokenize_records"]
+           "tokenize_chat", "tokenize_records", "validation_sets"]

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
-from tuneforge.data.prepare import PreparedData, SourceReport, TokenTable, as_sources, source_name, split_validation
+from tuneforge.data.prepare import (PreparedData, SourceReport, TokenTable, as_sources, source_name, split_validation,
+                                    validation_sets)
 from tuneforge.data.sources import Record, _Reader, iter_rows
 from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, render_prompt
 from tuneforge.errors import UserError
@@ -159,12 +160,8 @@ def prepare_classification_data(data: DataConfig, tokenizer, seed: int,
         raise UserError(f"{train_sources[0].path}: classification needs at least 2 labels, the data has "
                         f"{len(names)} ({', '.join(names)})")
     train = prepare_classification_set(data, train_sources, tokenizer, names, train_rows)
-    vals: dict[str, PreparedData] = {}
-    for source in as_sources(data.validation):
-        name = source_name(source)
-        if name in vals:
-            raise UserError(f"data.validation: two sets are named '{name}'; give each a distinct `name`")
-        vals[name] = prepare_classification_set(data, [source], tokenizer, names)
+    vals = {name: prepare_classification_set(data, [source], tokenizer, names)
+            for name, source in validation_sets(data)}
     if data.val_split and not vals:
         train, vals["val_split"] = split_validation(train, data.val_split, seed)
     for prepared in (train, *vals.values()):

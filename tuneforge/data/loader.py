@@ -138,9 +138,6 @@ class MicroBatchSampler:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
-    def per_rank_in(self, epoch: int) -> int:
-        return len(self._plan(epoch)) // self.world
-
     def __iter__(self) -> Iterator[list]:
         while True:
             plan = self._plan(self.epoch)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -19,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
-from tuneforge.config.sources import as_sources
+from tuneforge.config.sources import as_sources, source_name, validation_sets
 from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, dataset_fingerprint, is_hub_id, load_source_records
 from tuneforge.data.tokenize import (IGNORE, Example, TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
                                     tokenize_records)
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_dir
 
 CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs
 
@@ -119,13 +119,6 @@ class PreparedData:
         return [s.weight for s in self.sources]
 
 
-def source_name(source: DataSource) -> str:
-    if source.name:
-        return source.name
-    p = Path(source.path)
-    return p.stem if p.suffix else p.name
-
-
 def template_for(data: DataConfig, source: DataSource) -> str:
     return source.prompt_template or data.prompt_template or DEFAULT_TEMPLATES[source.format]
 
@@ -185,19 +178,15 @@ def _load_cached(entry: Path) -> tuple[TokenTable, dict] | None:
 
 
 def _save_cached(entry: Path, table: TokenTable, meta: dict) -> None:
-    """Written to a temporary directory then renamed, so a crash never leaves a half entry that later loads."""
-    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    """Built in a temporary directory and swapped in (files.atomic_dir), so a crash never leaves a half entry that
+    later loads, nor removes a (damaged) old one before the new one is whole."""
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        for k in ("ids", "mask", "offsets"):
-            np.save(tmp / f"{k}.npy", getattr(table, k))
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if entry.exists():
-            shutil.rmtree(entry)
-        tmp.rename(entry)
+        with atomic_dir(entry) as tmp:
+            for k in ("ids", "mask", "offsets"):
+                np.save(tmp / f"{k}.npy", getattr(table, k))
+            (tmp / "meta.json").write_text(json.dumps(meta))
     except OSError as e:  # a read-only or full cache directory slows the next run down; it is not an error
         print(f"tuneforge: warning: cannot write data cache {entry} ({e.strerror})", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- tokenization of one source --------------------------------------------------------------------------------
@@ -326,12 +315,8 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, progress: bool = True,
                             "already text and label (run without --out)")
         return prepare_classification_data(data, tokenizer, seed)
     train = prepare_set(data, as_sources(data.train), tokenizer, keep_records, progress)
-    vals: dict[str, PreparedData] = {}
-    for source in as_sources(data.validation):
-        name = source_name(source)
-        if name in vals:
-            raise UserError(f"data.validation: two sets are named '{name}'; give each a distinct `name`")
-        vals[name] = prepare_set(data, [source], tokenizer, keep_records, progress)
+    vals = {name: prepare_set(data, [source], tokenizer, keep_records, progress)
+            for name, source in validation_sets(data)}
     if data.val_split and not vals:
         train, vals["val_split"] = split_validation(train, data.val_split, seed)
     return train, vals

@@ -8,10 +8,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from tuneforge.config.sources import is_hub_id
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 
 @dataclass
@@ -51,7 +51,6 @@ FORMAT_FIELDS = {
     "chat": ("messages",),
     "text": ("text",),
 }
-_OPTIONAL = {"alpaca": {"input"}, "dolly": {"context"}}
 
 
 def _read_text(path: Path) -> str:
@@ -154,8 +153,9 @@ def _load_hub(name: str, split: str):
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown id, no such split: one line, not a traceback
-        raise UserError(f"{name}: cannot load Hub dataset split '{split}' ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        kind, detail = e.__class__.__name__, first_line(e)
+        why = kind if detail == kind else f"{kind}: {detail}"  # the class name alone when the message is empty
+        raise UserError(f"{name}: cannot load Hub dataset split '{split}' ({why})") from None
 
 
 def _dataset_rows(ds, name: str) -> Iterator[tuple[str, Any]]:
@@ -327,6 +327,3 @@ def load_source_records(source, notes: Counter | None = None) -> list[Record]:
     """load_records for a config `DataSource`."""
     return load_records(source.path, source.format, source.limit, columns=source.columns,
                         unanswerable=source.unanswerable, split=source.split, notes=notes)
-
-
-READERS: dict[str, Callable] = {"squad": read_squad}

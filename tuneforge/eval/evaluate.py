@@ -12,15 +12,17 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.data import build_eval_batches, load_records, prepare_source, template_for
+from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
-from tuneforge.eval.sources import dataset_format, squad_source, validation_sources
+from tuneforge.config.sources import validation_sets
+from tuneforge.eval.sources import dataset_format, squad_source
 from tuneforge.eval.squad import squad_scores
+from tuneforge.files import write_atomic
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
 
@@ -206,9 +208,10 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     precision = resolve_precision(cfg.model.dtype, model.device.type)
     if dataset is not None:
         fmt = "classification" if is_classifier(model) else dataset_format(dataset)
-        sources = [(Path(dataset).stem, DataSource(path=dataset, format=fmt, limit=limit))]
+        given = DataSource(path=dataset, format=fmt, limit=limit)
+        sources = [(source_name(given), given)]
     else:
-        sources = [(name, _limited(src, limit)) for name, src in validation_sources(cfg.data)]
+        sources = [(name, _limited(src, limit)) for name, src in validation_sets(cfg.data)]
     for _, src in sources:
         if not (Path(src.path).exists() or is_hub_id(src.path)):
             raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
@@ -240,8 +243,9 @@ def write_eval(run_dir: Path, results: dict, predictions: dict[str, str] | None,
     out = eval_dir(run_dir, base)
     out.mkdir(parents=True, exist_ok=True)
     if predictions is not None:
-        (out / "squad_predictions.json").write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
-    (out / "scores.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+        write_atomic(out / "squad_predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
+    # a second eval replaces the first one's scores: a crash mid-write keeps the old ones whole
+    write_atomic(out / "scores.json", json.dumps(_finite(results), indent=1) + "\n")
 
 
 def _finite(results: dict) -> dict:

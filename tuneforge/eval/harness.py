@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
+from tuneforge.files import write_atomic
 
 INSTALL = "pip install 'tuneforge[eval]'"
 
@@ -109,12 +110,12 @@ def run_harness(run_dir: str | Path, tasks: str, harness_args: list[str], base: 
     try:
         out = lm_eval.simple_evaluate(model="hf", model_args=margs, tasks=names, task_manager=manager, **kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"--harness: lm-eval rejected the run ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"--harness: lm-eval rejected the run ({first_line(e)})") from None
     scores = numeric_results(out or {})
     from tuneforge.eval.evaluate import eval_dir
 
     out_dir = eval_dir(run_dir, base)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "harness.json").write_text(json.dumps({"tasks": names, "model_args": margs, "args": kwargs,
-                                                      "results": scores}, indent=1, default=str) + "\n")
+    write_atomic(out_dir / "harness.json", json.dumps({"tasks": names, "model_args": margs, "args": kwargs,
+                                                       "results": scores}, indent=1, default=str) + "\n")
     return scores

@@ -1,12 +1,11 @@
-"""Which data a run is evaluated on. `data.validation` may be one source, a list of sources (optionally named), or
-a name -> source mapping; everything else asks this module (validation_sources, which the recipe rules need too, lives
-in config.sources), so the shape can grow without touching evaluation."""
+"""Which data a run is evaluated on: --dataset, eval.squad.path, or the recipe's validation sets (named by
+config.sources.validation_sets, as training names them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.config.sources import validation_sources
+from tuneforge.config.sources import validation_sets
 from tuneforge.errors import UserError
 
 
@@ -18,7 +17,7 @@ def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = No
         return DataSource(path=dataset, format="squad", limit=limit) if dataset_format(dataset) == "squad" else None
     if sq is not None and sq.path:
         return DataSource(path=sq.path, format="squad", limit=limit)
-    for _, src in validation_sources(cfg.data):
+    for _, src in validation_sets(cfg.data):
         if src.format == "squad":
             return DataSource(path=src.path, format="squad", limit=limit if limit is not None else src.limit,
                               split=src.split)

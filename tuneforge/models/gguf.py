@@ -12,12 +12,11 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
-from tuneforge.checkpoint import file_sha256
 from tuneforge.config.schema import Config, ModelConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
+from tuneforge.files import atomic_dir, file_sha256
 
 log = logging.getLogger("tuneforge")
 SOURCE_FILE = "tuneforge_gguf_source.json"  # beside the cached model: which file it came from
@@ -85,8 +84,7 @@ def locate_gguf(m: ModelConfig) -> Path:
         raise UserError(f"{where}: the Hub file '{m.gguf_file}' is not in the local cache and cannot be downloaded "
                         "(offline?); download it first (hf download) or give a local .gguf path") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"{where}: cannot download '{m.gguf_file}' ({first})") from None
+        raise UserError(f"{where}: cannot download '{m.gguf_file}' ({first_line(e)})") from None
 
 
 def check_gguf_file(path: Path, m: ModelConfig) -> str:
@@ -102,9 +100,8 @@ def check_gguf_file(path: Path, m: ModelConfig) -> str:
         reader = GGUFReader(path)  # maps every tensor: a truncated file fails here, before any dequantizing
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, KeyError, IndexError, struct errors
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         raise UserError(f"model.name_or_path: '{path}' is not a readable GGUF file (truncated or corrupt: "
-                        f"{first})") from None
+                        f"{first_line(e)})") from None
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UserError(f"model.name_or_path: '{path}' holds a '{arch}' model, which transformers cannot read from "
                         f"GGUF (it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
@@ -113,33 +110,26 @@ def check_gguf_file(path: Path, m: ModelConfig) -> str:
 
 def write_dequantized(gguf_path: Path, target: Path, m: ModelConfig, digest: str) -> None:
     """Dequantize into a temporary directory beside `target`, then rename it into place: a reader never sees a
-    half-written model, and two processes converting the same file at once both end with the same whole one."""
+    half-written model, and two processes converting the same file at once both end with the same whole one (the
+    first to finish; the other's result is dropped, not swapped in under a process that may be reading it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": m.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"model.name_or_path: cannot read a model from '{gguf_path}' ({first})") from None
+        raise UserError(f"model.name_or_path: cannot read a model from '{gguf_path}' ({first_line(e)})") from None
     # The weights are dense fp32 now: nothing of the GGUF quantization is left to describe.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.is_quantized = False
-    try:
+    with atomic_dir(target, if_absent=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_path.resolve()), "sha256": digest}) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same conversion first: keep its (identical) result
-            if not (target / SOURCE_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / SOURCE_FILE).is_file():  # `target` was there already, and is not a conversion of ours
+        raise UserError(f"model.name_or_path: the GGUF cache directory '{target}' exists but holds no conversion of "
+                        f"'{gguf_path}'; remove it and run again")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import ModelConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 
 log = logging.getLogger("tuneforge")
 
@@ -146,8 +146,7 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
 
 
 def _load_error(cfg: ModelConfig, what: str, e: Exception) -> UserError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    return UserError(f"model.name_or_path: cannot load {what} from '{cfg.name_or_path}' ({first})")
+    return UserError(f"model.name_or_path: cannot load {what} from '{cfg.name_or_path}' ({first_line(e)})")
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):

@@ -24,7 +24,7 @@ from tuneforge.config.peft_methods import (BOTTLENECK, BY_NAME, MARKERS, MERGEAB
                                             PROMPT_LEARNING, WEIGHTS)
 from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config, PeftConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import apply_activation_checkpointing, checkpointing_kwargs
 from tuneforge.models.quantize import quiet_bitsandbytes
@@ -103,7 +103,7 @@ def _get_peft_model(model, part: PeftConfig):
     try:
         return peft.get_peft_model(model, build_peft_config(part, model))
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        first = first_line(e)
         if "target_modules" in BY_NAME[part.method].fields:
             raise UserError(f"peft.target_modules: {part.target_modules!r} does not fit this model ({first})") from None
         raise UserError(f"peft.method: {part.method} does not fit this {type(model).__name__} ({first})") from None

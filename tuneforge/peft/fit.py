@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tuneforge.config.peft_methods import PROMPT_LEARNING
 from tuneforge.config.schema import ModelConfig
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, first_line
 from tuneforge.models.tensors import header_shapes, shape_mismatch
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,8 +46,7 @@ def _check_weight_adapter(inner, directory: Path, base: str):
         config = peft.PeftConfig.from_pretrained(str(directory))
         outer = peft.get_peft_model(inner, config)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-        raise UserError(f"{config_file}: does not fit the base model '{base}': {first}"
+        raise UserError(f"{config_file}: does not fit the base model '{base}': {first_line(e)}"
                         f"{_trained_for(config_file, base)}") from None
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(outer).items()}
     _compare_shapes(directory / PEFT_WEIGHTS, expected, base, _trained_for(config_file, base))

@@ -5,12 +5,12 @@ adding the delta and requantizing would lose the adapter's small update in the q
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.files import atomic_dir
 from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.classify import save_head_code, saved_model_config
 from tuneforge.peft import check_mergeable, load_adapters
@@ -34,12 +34,8 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     merged = model.merge_and_unload()  # W' = W + scale * B @ A (lora) or W * l (ia3), adapter layers removed
     merged.config.use_cache = True
     merged = merged.to(DTYPES[dtype])
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    save_head_code(merged, tmp)  # a classifier with an MLP head: its code, for trust_remote_code loading
-    load_tokenizer(cfg.model, str(final)).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # with --overwrite, the old `out` stays until the merged model is whole
+        merged.save_pretrained(tmp, safe_serialization=True)
+        save_head_code(merged, tmp)  # a classifier with an MLP head: its code, for trust_remote_code loading
+        load_tokenizer(cfg.model, str(final)).save_pretrained(tmp)
     return out

@@ -1,11 +1,10 @@
 """The run's HF-native output in final/: a PEFT adapter dir or a full model, plus the tokenizer."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from tuneforge.config.schema import Config
+from tuneforge.files import atomic_dir
 from tuneforge.models.classify import is_classifier, save_classifier_extras
 from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import is_local
@@ -23,24 +22,18 @@ def consolidated_state(module, env, trainable_only: bool) -> dict | None:
 
 
 def save_final(model, tokenizer, cfg: Config, out: Path, state_dict: dict | None = None) -> None:
-    """Written beside `out` and renamed into place, so final/ is either the old or the new output, never half.
-    `state_dict` carries gathered weights when the model itself is sharded."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Built beside `out` and swapped into place (files.atomic_dir), so final/ is either the old or the new output,
+    never half. `state_dict` carries gathered weights when the model itself is sharded."""
     base = cfg.model.name_or_path
     # Local bases are recorded as absolute paths so plain peft finds them from any working directory.
     base = str(Path(base).resolve()) if is_local(base) else base
     transformers_model(model).config.use_cache = True  # training turned the KV cache off; users want it on
-    if cfg.peft is not None:
-        save_adapters(model, tmp, base, state_dict)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
-    if is_classifier(model):
-        save_classifier_extras(model, tmp, adapter=cfg.peft is not None)
-    tokenizer.save_pretrained(tmp)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        if cfg.peft is not None:
+            save_adapters(model, tmp, base, state_dict)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
+        if is_classifier(model):
+            save_classifier_extras(model, tmp, adapter=cfg.peft is not None)
+        tokenizer.save_pretrained(tmp)

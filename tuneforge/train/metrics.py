@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from tuneforge.config.schema import Config
+from tuneforge.files import write_atomic
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
@@ -17,9 +17,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if after_step and _step_of(line) is not None and _step_of(line) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)  # a crash mid-rewrite leaves the old file, never a half one
+    write_atomic(path, "".join(line + "\n" for line in keep))  # a crash mid-rewrite leaves the old file whole
 
 
 def _step_of(line: str) -> int | None:

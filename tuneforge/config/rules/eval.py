@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tuneforge.config.rules.common import check
 from tuneforge.config.schema import Config
-from tuneforge.config.sources import validation_sources
+from tuneforge.config.sources import as_sources
 
 
 def check_eval(cfg: Config, origin: str | None, check_paths: bool) -> None:
@@ -21,5 +21,5 @@ def check_eval(cfg: Config, origin: str | None, check_paths: bool) -> None:
     if sq.path is not None:
         check(not check_paths or Path(sq.path).is_file(), origin, f"eval.squad.path: no such file '{sq.path}'")
         return
-    check(any(src.format == "squad" for _, src in validation_sources(cfg.data)), origin,
+    check(any(src.format == "squad" for src in as_sources(cfg.data.validation)), origin,
           "eval.squad: needs eval.squad.path (a SQuAD json) or a squad-format data.validation set")
