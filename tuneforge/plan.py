@@ -80,7 +80,7 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     from tuneforge.models.load import resolve_precision
 
     import tuneforge.train.recipe  # noqa: F401 - what a training process imports is part of its baseline
-    from tuneforge.models.load import resolve_kind
+    from tuneforge.models.kind import resolve_kind
 
     if resolve_kind(cfg.model) == "seq2seq":  # the trace feeds decoder-only inputs
         raise UserError(f"tuneforge plan covers causal LMs; '{cfg.model.name_or_path}' is a seq2seq model, whose "

@@ -17,7 +17,7 @@ from tuneforge.config.rules import check_world
 from tuneforge.config.rules.kind import check_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError, first_line
-from tuneforge.models.load import resolve_kind
+from tuneforge.models.kind import resolve_kind
 
 log = logging.getLogger("tuneforge")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tuneforge import files
-from tuneforge.data.prepare import TokenTable, _load_cached, _save_cached
+from tuneforge.data.prepare import _load_cached, _save_cached
+from tuneforge.data.tables import TokenTable
 from tuneforge.files import atomic_dir, file_sha256, fsync_tree, replace_dir, write_atomic
 from tuneforge.train.metrics import truncate_metrics
 

@@ -45,19 +45,29 @@ def module_files(root: Path, package: str) -> dict[str, Path]:
     return mods
 
 
-def _targets(node, module: str, is_package: bool, package: str) -> list[str]:
-    """The package's modules (or names in them) one import statement names, absolute or relative."""
+def _targets(node, module: str, is_package: bool, mods: dict) -> list[str]:
+    """The package's modules one import statement loads, absolute or relative: `from a.b import c` names the
+    module a.b.c when there is one, else a.b (whose __init__ defines c)."""
+    package = next(iter(mods)).split(".")[0]
     if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == package]
-    base = module if is_package else module.rpartition(".")[0]
-    if node.level:
-        base = ".".join(base.split(".")[: len(base.split(".")) - node.level + 1])
-        name = f"{base}.{node.module}" if node.module else base
+        names = [a.name for a in node.names]
     else:
-        name = node.module or ""
-    if name.split(".")[0] != package:
-        return []
-    return [f"{name}.{a.name}" for a in node.names] + [name]
+        base = module if is_package else module.rpartition(".")[0]
+        if node.level:
+            base = ".".join(base.split(".")[: len(base.split(".")) - node.level + 1])
+            name = f"{base}.{node.module}" if node.module else base
+        else:
+            name = node.module or ""
+        names = [f"{name}.{a.name}" if f"{name}.{a.name}" in mods else name for a in node.names]
+    out = []
+    for target in names:
+        if target.split(".")[0] != package:
+            continue
+        while target not in mods and "." in target:
+            target = target.rpartition(".")[0]
+        if target in mods and target not in out:
+            out.append(target)
+    return out
 
 
 def import_edges(root: Path, package: str) -> list[tuple[str, str, bool, int]]:
@@ -73,12 +83,8 @@ def import_edges(root: Path, package: str) -> list[tuple[str, str, bool, int]]:
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-            seen = set()
-            for target in _targets(node, module, path.name == "__init__.py", package):
-                while target not in mods and "." in target:
-                    target = target.rpartition(".")[0]
-                if target in mods and target != module and target not in seen:
-                    seen.add(target)
+            for target in _targets(node, module, path.name == "__init__.py", mods):
+                if target != module:
                     edges.append((module, target, id(node) not in top_level, node.lineno))
     return edges
 
@@ -169,7 +175,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
                                                                   "pkg.low.b:2 imports pkg.low.a inside a function"]),
     # an upward edge, written as a relative import
     ({"__init__.py": "", "low/__init__.py": "", "low/a.py": "from ..high import c\n", "high/__init__.py": "",
-      "high/c.py": "from pkg.low.a import y\n"}, ["pkg.low.a:1 imports pkg.high: layer 2 (high) is not below layer 1"]),
+      "high/c.py": "from pkg.low.a import y\n"}, ["pkg.low.a:1 imports pkg.high.c: layer 2 (high) is not below layer 1"]),
 ])
 def test_the_checker_fails_on_a_planted_cycle_and_an_upward_import(tmp_path, files, expected):
     root = _tree(tmp_path, files)

@@ -9,7 +9,9 @@ import numpy as np
 
 from tuneforge.config.schema import Config, DataConfig
 from tuneforge.data.loader import MicroBatchSampler, batching_report
-from tuneforge.data.prepare import PreparedData, as_sources, prepare_data, template_for
+from tuneforge.config.sources import as_sources
+from tuneforge.data.prepare import prepare_data, template_for
+from tuneforge.data.tables import PreparedData
 from tuneforge.data.tokenize import IGNORE, _template_of, render_prompt
 
 

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
+from tuneforge.models.kind import hub_kwargs, kind_of
+from tuneforge.models import mlp_head
 from tuneforge.models.layers import transformers_model
+from tuneforge.models.mlp_head import with_mlp_head
 
 HEAD_NAMES = ("score", "classifier")  # transformers' attribute for the classifier (decoder LMs / encoders)
 HEAD_CODE = "tuneforge_head.py"
@@ -42,9 +45,8 @@ def build_classifier_config(model_cfg, names: list[str], tokenizer):
     none by default) and the MLP head's shape, so they are saved in config.json and the model reloads as trained."""
     from transformers import AutoConfig
 
-    from tuneforge.models.load import _hub_kwargs, kind_of
 
-    config = AutoConfig.from_pretrained(model_cfg.name_or_path, **_hub_kwargs(model_cfg))
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, **hub_kwargs(model_cfg))
     old = [name for _, name in sorted((getattr(config, "id2label", None) or {}).items())]
     if kind_of(config) == KIND and len(old) != len(names):
         raise UserError(f"model.name_or_path: '{model_cfg.name_or_path}' classifies into {len(old)} labels, the "
@@ -68,7 +70,6 @@ def classifier_class(config):
     """The class that loads this config: transformers' own, or it with the MLP head when the config names one."""
     from transformers import AutoModelForSequenceClassification
 
-    from tuneforge.models.mlp_head import with_mlp_head
 
     mapping = AutoModelForSequenceClassification._model_mapping
     if type(config) not in mapping:
@@ -93,7 +94,6 @@ def save_classifier_extras(model, out: Path, adapter: bool) -> None:
 def save_head_code(model, out: Path) -> None:
     """With an MLP head: write its code beside config.json and point auto_map at it, so plain transformers loads
     the directory with trust_remote_code=True. A linear head needs nothing (transformers' own class)."""
-    from tuneforge.models import mlp_head
 
     inner = transformers_model(model)
     if getattr(inner.config, "tuneforge_head", None) is None or not (out / "config.json").is_file():
@@ -114,7 +114,6 @@ def saved_model_config(final: Path):
     be loaded with it (labels, pad id, head) before the adapter fits. None for anything else."""
     from transformers import AutoConfig
 
-    from tuneforge.models.load import kind_of
 
     if not (final / "config.json").is_file():
         return None

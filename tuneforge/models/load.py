@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import ModelConfig
-from tuneforge.errors import UserError, first_line
+from tuneforge.errors import UserError
+from tuneforge.models.classify import classifier_class
+from tuneforge.models.kind import auto_class, hub_kwargs, load_error, resolve_kind
 
 log = logging.getLogger("tuneforge")
 
@@ -136,26 +138,13 @@ def apply_activation_checkpointing(model, enabled: bool):
     return model
 
 
-def _hub_kwargs(cfg: ModelConfig) -> dict:
-    kwargs = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if cfg.trust_remote_code:
-        log.warning("trust_remote_code is on: model code from %s will run", cfg.name_or_path)
-    return kwargs
-
-
-def _load_error(cfg: ModelConfig, what: str, e: Exception) -> UserError:
-    return UserError(f"model.name_or_path: cannot load {what} from '{cfg.name_or_path}' ({first_line(e)})")
-
-
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path or cfg.name_or_path, **_hub_kwargs(cfg))
+        tok = AutoTokenizer.from_pretrained(path or cfg.name_or_path, **hub_kwargs(cfg))
     except (OSError, ValueError, KeyError) as e:
-        raise _load_error(cfg, "a tokenizer", e) from None
+        raise load_error(cfg, "a tokenizer", e) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"model.name_or_path: '{cfg.name_or_path}' has no fast tokenizer (tokenizer.json); "
                         "tuneforge needs one for offsets")
@@ -168,46 +157,9 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
-MODEL_KINDS = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
-               "sequence_classification": "AutoModelForSequenceClassification"}
-
-
-def kind_of(config) -> str:
-    """The model kind a checkpoint's config names: its architectures' suffix, else is_encoder_decoder."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence_classification"
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    return "causal_lm"
-
-
-def resolve_kind(cfg: ModelConfig, config=None) -> str:
-    """model.kind, with auto resolved from the checkpoint's config (read without weights when not given)."""
-    if cfg.kind != "auto":
-        return cfg.kind
-    if config is None:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
-        except (OSError, ValueError, KeyError) as e:
-            raise _load_error(cfg, "a model config", e) from None
-    return kind_of(config)
-
-
-def auto_class(kind: str):
-    """The transformers Auto class that loads a model of this kind."""
-    import transformers
-
-    return getattr(transformers, MODEL_KINDS[kind])
-
-
 def model_class(kind: str, config):
     """The class that loads a config of this kind; classifiers may carry tuneforge's MLP head."""
     if kind == "sequence_classification":
-        from tuneforge.models.classify import classifier_class
-
         return classifier_class(config)
     return auto_class(kind)
 
@@ -217,7 +169,7 @@ def load_model(cfg: ModelConfig, path: str | None = None, config=None):
     checkpoint's own (a classifier's labels and pad id, which come from the data and the tokenizer)."""
     from transformers import AutoConfig
 
-    kwargs = _hub_kwargs(cfg)
+    kwargs = hub_kwargs(cfg)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
@@ -226,12 +178,12 @@ def load_model(cfg: ModelConfig, path: str | None = None, config=None):
         kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
         if config is None:
-            config = AutoConfig.from_pretrained(path or cfg.name_or_path, **_hub_kwargs(cfg))
+            config = AutoConfig.from_pretrained(path or cfg.name_or_path, **hub_kwargs(cfg))
         kind = resolve_kind(cfg, config)
         model = model_class(kind, config).from_pretrained(path or cfg.name_or_path, config=config,
                                                           dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise _load_error(cfg, "a model", e) from None
+        raise load_error(cfg, "a model", e) from None
     if cfg.quantization is not None:
         from tuneforge.models.quantize import avoid_unsupported_cpu_kernels
 
@@ -245,7 +197,7 @@ def load_model_skeleton(cfg: ModelConfig, config=None):
     receive their shards of rank 0's weights after sharding, so no rank but 0 ever holds the full model."""
     from transformers import AutoConfig
 
-    config = config or AutoConfig.from_pretrained(cfg.name_or_path, **_hub_kwargs(cfg))
+    config = config or AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     kind = resolve_kind(cfg, config)
     with torch.device("meta"):
