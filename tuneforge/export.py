@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.run.load import is_adapter
+from tuneforge.models.seq2seq import is_seq2seq_output
+from tuneforge.run.load import is_adapter, load_run
+from tuneforge.run.merge import merge_run
 
 # vLLM accepts these values for --max-lora-rank; the adapter's rank is rounded up to the next one.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -38,9 +40,6 @@ def vllm_command(out: Path, name: str, adapter: Path | None = None, base: str | 
 
 def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False) -> str:
     """Write the run's model to `out` for vLLM and return the `vllm serve` command that serves it."""
-    from tuneforge.models.seq2seq import is_seq2seq_output
-    from tuneforge.run.load import load_run
-
     run_dir, out = Path(run_dir), Path(out)
     cfg, final = load_run(run_dir)
     name = cfg.run.name
@@ -57,8 +56,6 @@ def export_vllm(run_dir: str | Path, out: str | Path, keep_adapter: bool = False
         adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
         return vllm_command(out, name, adapter, adapter_cfg.get("base_model_name_or_path"), adapter_cfg.get("r"))
     if is_adapter(final):
-        from tuneforge.run.merge import merge_run
-
         # the one merge path: a QLoRA run merges into a full-precision reload of its base, never into 4-bit weights
         merge_run(run_dir, out)
     else:

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config.load import _redact
 from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError, first_line
+from tuneforge.eval.evaluate import read_scores
+from tuneforge.models.gguf import gguf_origin
+from tuneforge.models.seq2seq import is_seq2seq_output
+from tuneforge.run.load import load_run
 
 SCORE_KEYS = ("val_loss", "perplexity", "squad_em", "squad_f1")
 
 
 def _card_config(run_dir: Path) -> dict:
-    from tuneforge.config.load import _redact
-
     return _redact(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
 
 
@@ -32,8 +35,6 @@ def _data_lines(config: dict) -> list[str]:
 
 
 def _scores_table(run_dir: Path) -> list[str]:
-    from tuneforge.eval.evaluate import read_scores
-
     rows = [(label, read_scores(run_dir, base)) for label, base in (("base model", True), ("fine-tuned", False))]
     rows = [(label, s) for label, s in rows if s]
     if not rows:
@@ -48,8 +49,6 @@ def _scores_table(run_dir: Path) -> list[str]:
 
 def _base_label(base: str) -> str:
     """The base as a reader of the card knows it: a GGUF file's name and hash, not tuneforge's local cache path."""
-    from tuneforge.models.gguf import gguf_origin
-
     origin = gguf_origin(base)
     if origin is None:
         return f"`{base}`"
@@ -58,8 +57,6 @@ def _base_label(base: str) -> str:
 
 
 def build_model_card(run_dir: str | Path) -> str:
-    from tuneforge.models.seq2seq import is_seq2seq_output  # imports torch: not at the CLI's start
-
     run_dir = Path(run_dir)
     config = _card_config(run_dir)
     base = str(config.get("model", {}).get("name_or_path", ""))
@@ -99,8 +96,6 @@ def hub_token() -> str:
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
-    from tuneforge.run.load import load_run
-
     run_dir = Path(run_dir)
     _, final = load_run(run_dir)
     token = hub_token()

@@ -31,8 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge.config.rules.distributed import resolve_strategy
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.models.kind import resolve_kind
+from tuneforge.models.layers import decoder_layers
+from tuneforge.models.load import count_parameters, load_model_skeleton, resolve_precision, store_frozen_linears
+from tuneforge.models.loss import _split_head
+from tuneforge.peft import apply_finetuning
 
 GiB = 2**30
 LOOP_EFFICIENCY = 0.2  # measured tokens x model FLOPs / measured matmul peak of the training loop (bench_sft.py)
@@ -76,12 +82,7 @@ class ModelFacts:
 
 def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     """The report `tuneforge plan` prints."""
-    from tuneforge.config.rules.distributed import resolve_strategy
-    from tuneforge.models.load import resolve_precision
-
     import tuneforge.train.recipe  # noqa: F401 - what a training process imports is part of its baseline
-    from tuneforge.models.kind import resolve_kind
-
     if resolve_kind(cfg.model) == "seq2seq":  # the trace feeds decoder-only inputs
         raise UserError(f"tuneforge plan covers causal LMs; '{cfg.model.name_or_path}' is a seq2seq model, whose "
                         "memory it does not estimate")
@@ -123,10 +124,6 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
 def trace_model(cfg: Config, autocast, strategy: str) -> ModelFacts:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tuneforge.models.layers import decoder_layers
-    from tuneforge.models.load import count_parameters, load_model_skeleton, store_frozen_linears
-    from tuneforge.peft import apply_finetuning
-
     model = load_model_skeleton(cfg.model)
     plan_cfg = copy.deepcopy(cfg)
     plan_cfg.distributed.activation_checkpointing = False  # traced without; checkpointing is computed from layers
@@ -156,8 +153,6 @@ def trace_model(cfg: Config, autocast, strategy: str) -> ModelFacts:
 
 def _saved_bytes(model, seq_length: int, autocast, fake_mode_cls) -> float:
     """Bytes autograd saves in the backbone's forward of one sequence, each storage once, parameters excluded."""
-    from tuneforge.models.loss import _split_head
-
     split = _split_head(model)
     mode = fake_mode_cls(allow_non_fake_inputs=True)
     with mode:

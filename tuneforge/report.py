@@ -10,9 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config.load import _redact
 from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError
+from tuneforge.eval.evaluate import read_scores
 from tuneforge.files import write_atomic
+from tuneforge.models.gguf import gguf_origin
 
 # (title, y label, [(metric key, legend label)]) for each plot; a plot with no data is left out.
 PLOTS = [
@@ -85,8 +88,6 @@ def flatten(node, prefix: str = "") -> list[tuple[str, str]]:
 
 def final_scores(run_dir: Path, rows: list[dict]) -> list[tuple[str, dict]]:
     """(where, scores) rows: the last logged training and validation values, then `tuneforge eval` results."""
-    from tuneforge.eval.evaluate import read_scores
-
     table = []
     last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1", "val_accuracy",
                                     "val_macro_f1")}
@@ -109,8 +110,6 @@ def _fmt(value) -> str:
 def gguf_note(model: str) -> str:
     """' (dequantized from <code>FILE</code>)' when the base is tuneforge's cache of a GGUF file, whose directory
     name (the file's stem and hash) says less than the file the recipe named; else ''."""
-    from tuneforge.models.gguf import gguf_origin
-
     origin = gguf_origin(model)
     return f" (dequantized from <code>{html.escape(origin['gguf_file'])}</code>)" if origin else ""
 
@@ -152,8 +151,6 @@ def write_report(run_dir: str | Path) -> Path:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"--run {run_dir}: not a tuneforge run directory (no config.yaml)")
-    from tuneforge.config.load import _redact
-
     # config.yaml is already redacted when written; redacting again keeps hand-edited files safe too.
     config = _redact(yaml.safe_load(config_path.read_text()) or {})
     rows = read_metrics(run_dir)

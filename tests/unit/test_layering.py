@@ -32,6 +32,11 @@ LAYERS = [
 ]
 # Modules that import heavy layers inside functions, so `tuneforge --help` and a refused recipe answer at once.
 LAZY_ALLOWED = {"tuneforge.cli", "tuneforge.launch", "tuneforge.api", "tuneforge"}
+# Single function-local imports, each for its reason.
+LAZY_EDGES = {
+    ("tuneforge.serve", "tuneforge.serve.app"): "fastapi and uvicorn, the serve extra",
+    ("tuneforge.plan", "tuneforge.train.recipe"): "plan measures what a training process's imports cost",
+}
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
@@ -129,7 +134,7 @@ def cycles(edges) -> list[list[str]]:
     return found
 
 
-def violations(edges, layers, lazy_allowed) -> list[str]:
+def violations(edges, layers, lazy_allowed, lazy_edges=()) -> list[str]:
     rank = {unit: i for i, units in enumerate(layers) for unit in units}
     problems = []
     for a, b, lazy, line in edges:
@@ -139,14 +144,14 @@ def violations(edges, layers, lazy_allowed) -> list[str]:
         elif ua != ub and rank[ub] >= rank[ua]:
             problems.append(f"{a}:{line} imports {b}: layer {rank[ub] + 1} ({ub}) is not below "
                             f"layer {rank[ua] + 1} ({ua})")
-        if lazy and a not in lazy_allowed:
+        if lazy and a not in lazy_allowed and (a, b) not in lazy_edges:
             problems.append(f"{a}:{line} imports {b} inside a function (only for optional packages and CLI start-up)")
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(edges)]
     return problems
 
 
 def test_tuneforge_keeps_its_layers():
-    problems = violations(import_edges(REPO, "tuneforge"), LAYERS, LAZY_ALLOWED)
+    problems = violations(import_edges(REPO, "tuneforge"), LAYERS, LAZY_ALLOWED, LAZY_EDGES)
     assert not problems, "\n".join(problems)
 
 

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.checkpoint import MANIFEST, WEIGHTS, find_latest, verify
 from tuneforge.errors import UserError
+from tuneforge.peft import saved_adapters
+from tuneforge.peft.fit import PEFT_WEIGHTS, _compare_shapes
 
 _PEFT_WRAPPING = re.compile(r"^base_model\.model\.|\.base_layer(?=\.)|\.original_module(?=\.)")
 
 
 def resolve_init_source(path: str) -> tuple[str, Path]:
     """('adapter' | 'model' | 'checkpoint', directory) that `path` names."""
-    from tuneforge.checkpoint import MANIFEST, WEIGHTS, find_latest, verify
-    from tuneforge.peft import saved_adapters
-
     p = Path(path).expanduser()
     if (p / "config.yaml").is_file() and not (p / MANIFEST).is_file():  # a run directory
         if (p / "final").is_dir():
@@ -96,8 +96,6 @@ def apply_init_from(model, cfg) -> list[str]:
     if kind == "checkpoint":
         from safetensors.torch import load_file
 
-        from tuneforge.checkpoint import WEIGHTS
-
         copied, skipped = copy_tensors(model, load_file(source / WEIGHTS).items(), source / WEIGHTS)
         if skipped:
             raise UserError(f"model.init_from: {source / WEIGHTS}: tensor {skipped[0]} has no place in this model "
@@ -152,8 +150,6 @@ def _check_adapter_filled(model, cfg, source: Path) -> None:
     differ (other target modules): a half-loaded adapter would pass silently for a fresh one."""
     from safetensors import safe_open
 
-    from tuneforge.checkpoint import WEIGHTS
-
     if cfg.peft is None or not (source / WEIGHTS).is_file():
         return
     with safe_open(str(source / WEIGHTS), framework="pt") as f:
@@ -170,8 +166,6 @@ def _load_adapter(model, cfg, source: Path) -> str:
     """The adapter's tensors through peft's own naming, after checking they are exactly this run's adapter."""
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
-
-    from tuneforge.peft.fit import PEFT_WEIGHTS, _compare_shapes
 
     if cfg.peft is None or not isinstance(model, PeftModel):
         raise UserError(f"model.init_from: {source} holds a peft adapter; the new run must train the same adapter "

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.config.schema import Config, DataConfig
-from tuneforge.data.loader import MicroBatchSampler, batching_report
 from tuneforge.config.sources import as_sources
+from tuneforge.data.loader import MicroBatchSampler, batching_report
 from tuneforge.data.prepare import prepare_data, template_for
 from tuneforge.data.tables import PreparedData
 from tuneforge.data.tokenize import IGNORE, _template_of, render_prompt
@@ -60,8 +60,6 @@ def render_example(tokenizer, ids: list[int], labels: list[int]) -> str:
 
 
 def print_data_report(cfg: Config, tokenizer, out: str | None = None) -> None:
-    from tuneforge.data.loader import MicroBatchSampler
-
     data = cfg.data
     train, vals = prepare_data(data, tokenizer, cfg.run.seed, progress=True, keep_records=out is not None)
     print(f"train: {len(train.examples):,} examples, {train.examples.num_tokens:,} tokens "

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.data.classify import prepare_classification_set
+from tuneforge.data.loader import build_eval_batches
+from tuneforge.distributed import DistEnv, TrainModule, all_reduce_sum, evaluating
 from tuneforge.errors import UserError
+from tuneforge.models.layers import transformers_model
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
@@ -23,9 +27,6 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
 def validate_classifier(module, batches, precision, env) -> dict:
     """val_loss (mean cross-entropy per example), val_accuracy, val_macro_f1 over all validation sets; with several
     named sets ({name: batches}) also val_loss/<name>, val_accuracy/<name>, val_macro_f1/<name>."""
-    from tuneforge.distributed import all_reduce_sum, evaluating
-    from tuneforge.models.layers import transformers_model
-
     num_labels = transformers_model(module).config.num_labels
     named = batches if isinstance(batches, dict) else {"": batches}
     per_set = {}
@@ -60,11 +61,6 @@ def evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size: i
     """`tuneforge eval` of a classification run: val_loss, accuracy, macro_f1 of the first set (and per set when
     there are several), with the labels the model was trained on (its config's id2label)."""
     import dataclasses
-
-    from tuneforge.data.classify import prepare_classification_set
-    from tuneforge.data.loader import build_eval_batches
-    from tuneforge.distributed import DistEnv, TrainModule
-    from tuneforge.models.layers import transformers_model
 
     config = transformers_model(model).config
     names = [config.id2label[i] for i in range(config.num_labels)]

@@ -12,19 +12,23 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import Config, DataSource
+from tuneforge.config.sources import validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.sources import Record, is_hub_id
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
+from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
-from tuneforge.config.sources import validation_sets
 from tuneforge.eval.sources import dataset_format, squad_source
 from tuneforge.eval.squad import squad_scores
+from tuneforge.eval.validate import validate
 from tuneforge.files import write_atomic
+from tuneforge.models import resolve_precision
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
+from tuneforge.run.load import load_run_model
 
 
 def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:
@@ -129,8 +133,6 @@ class SquadDuringTraining:
         TrainModule.generate) and all ranks gather every answer before scoring."""
         if not self.due(step, total_steps):
             return {}
-        from tuneforge.distributed import all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
-
         env = self.env
         rank, world = (env.rank, env.world_size) if env is not None and env.initialized else (0, 1)
         lockstep = env is not None and forwards_in_lockstep(module, env)
@@ -166,9 +168,6 @@ def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> Squad
 
 @torch.no_grad()
 def loss_on(model, batches, precision) -> dict[str, float]:
-    from tuneforge.distributed import DistEnv, TrainModule
-    from tuneforge.eval.validate import validate
-
     # the training loop's own validation: the same loss code, on this process's device
     scores = validate(TrainModule(model), batches, precision, DistEnv(device=str(model.device)))
     model.eval()  # validate() hands the model back in training mode
@@ -199,9 +198,6 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
                  overrides: list[str] | None = None) -> dict:
     """Score a finished run: loss / perplexity on its validation sets (or --dataset) and SQuAD EM/F1 where there are
     SQuAD questions. Writes eval/squad_predictions.json and eval/scores.json (eval/base/ for the base model)."""
-    from tuneforge.models import resolve_precision
-    from tuneforge.run.load import load_run_model
-
     if limit is not None and limit < 1:
         raise UserError(f"--limit: must be >= 1, got {limit}")
     model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=overrides)

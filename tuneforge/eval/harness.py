@@ -9,7 +9,10 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError, first_line
+from tuneforge.eval.evaluate import eval_dir
 from tuneforge.files import write_atomic
+from tuneforge.peft.fit import check_adapters_fit
+from tuneforge.run.load import is_adapter, load_run
 
 INSTALL = "pip install 'tuneforge[eval]'"
 
@@ -64,8 +67,6 @@ def parse_harness_args(items: list[str], simple_evaluate) -> dict:
 
 
 def model_args(run_dir: Path, base: bool) -> dict:
-    from tuneforge.run.load import is_adapter, load_run
-
     cfg, final = load_run(run_dir)
     import torch
 
@@ -76,8 +77,6 @@ def model_args(run_dir: Path, base: bool) -> dict:
         if cfg.model.revision:
             args["revision"] = cfg.model.revision
         if is_adapter(final) and not base:
-            from tuneforge.peft.fit import check_adapters_fit
-
             check_adapters_fit(cfg.model, final)
             args["peft"] = str(final.resolve())
     else:
@@ -112,8 +111,6 @@ def run_harness(run_dir: str | Path, tasks: str, harness_args: list[str], base: 
     except (TypeError, ValueError) as e:
         raise UserError(f"--harness: lm-eval rejected the run ({first_line(e)})") from None
     scores = numeric_results(out or {})
-    from tuneforge.eval.evaluate import eval_dir
-
     out_dir = eval_dir(run_dir, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "harness.json", json.dumps({"tasks": names, "model_args": margs, "args": kwargs,

@@ -12,6 +12,7 @@ from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError
 from tuneforge.models.classify import classifier_class
 from tuneforge.models.kind import auto_class, hub_kwargs, load_error, resolve_kind
+from tuneforge.models.quantize import avoid_unsupported_cpu_kernels, build_bnb_config
 
 log = logging.getLogger("tuneforge")
 
@@ -173,8 +174,6 @@ def load_model(cfg: ModelConfig, path: str | None = None, config=None):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
-        from tuneforge.models.quantize import build_bnb_config
-
         kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
         if config is None:
@@ -185,8 +184,6 @@ def load_model(cfg: ModelConfig, path: str | None = None, config=None):
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise load_error(cfg, "a model", e) from None
     if cfg.quantization is not None:
-        from tuneforge.models.quantize import avoid_unsupported_cpu_kernels
-
         avoid_unsupported_cpu_kernels(model)
     model.config.use_cache = False  # training: a KV cache only costs memory (and breaks packed attention)
     return model

@@ -20,14 +20,19 @@ import warnings
 from pathlib import Path
 from typing import Union
 
-from tuneforge.config.peft_methods import (BOTTLENECK, BY_NAME, MARKERS, MERGEABLE, PEFT_TYPES, PROMPT,
-                                            PROMPT_LEARNING, WEIGHTS)
+from tuneforge.config.peft_methods import (BOTTLENECK, BY_NAME, MARKERS, MERGEABLE, PEFT_TYPES, PROMPT, PROMPT_LEARNING,
+                                           WEIGHTS)
 from tuneforge.config.rules.peft import peft_parts
 from tuneforge.config.schema import Config, PeftConfig
 from tuneforge.errors import UserError, first_line
+from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import apply_activation_checkpointing, checkpointing_kwargs
-from tuneforge.models.quantize import quiet_bitsandbytes
+from tuneforge.models.quantize import is_quantized, quiet_bitsandbytes
+from tuneforge.peft.bottleneck import CONFIG_NAME, apply_bottleneck, has_bottleneck, load_bottleneck, save_bottleneck
+from tuneforge.peft.freeze import apply_trainable, select_trainable
+from tuneforge.peft.lora_forward import use_in_place_lora_forward
+from tuneforge.peft.methods import build_peft_config
 
 MANIFEST = "tuneforge_adapters.json"
 quiet_bitsandbytes()  # before anything imports peft (which imports bitsandbytes)
@@ -45,8 +50,6 @@ def _import_peft():
 def apply_finetuning(model, cfg: Config):
     """Everything between loading the weights and training them: QLoRA preparation, activation checkpointing,
     then the adapters (only their parameters stay trainable) or partial freezing."""
-    from tuneforge.models.quantize import is_quantized
-
     if is_quantized(model):
         # Freezes the base, upcasts the non-quantized weights (norms, embeddings) to fp32 for stable updates.
         model = _import_peft().prepare_model_for_kbit_training(
@@ -55,14 +58,10 @@ def apply_finetuning(model, cfg: Config):
     else:
         apply_activation_checkpointing(model, cfg.distributed.activation_checkpointing)
     if cfg.peft is not None:
-        from tuneforge.peft.lora_forward import use_in_place_lora_forward
-
         model = apply_peft(model, cfg.peft)
         use_in_place_lora_forward(model)  # same values, no output-sized temporaries (see lora_forward.py)
         return model
     if cfg.train.trainable is not None:
-        from tuneforge.peft.freeze import apply_trainable
-
         apply_trainable(model, cfg.train.trainable)
     return model
 
@@ -75,8 +74,6 @@ def apply_peft(model, cfg: Union[PeftConfig, list[PeftConfig]]):
     stack = []
     for part in sorted(peft_parts(cfg), key=lambda p: BY_NAME[p.method].stage):
         if part.method == "adapter":
-            from tuneforge.peft.bottleneck import apply_bottleneck
-
             apply_bottleneck(inner, part.bottleneck_size, part.bottleneck_activation)
             stack.append(("adapter", inner))
         else:
@@ -98,8 +95,6 @@ def _record_stack(outer, stack: list):
 
 def _get_peft_model(model, part: PeftConfig):
     peft = _import_peft()
-    from tuneforge.peft.methods import build_peft_config
-
     try:
         return peft.get_peft_model(model, build_peft_config(part, model))
     except (ValueError, TypeError, NotImplementedError, KeyError) as e:
@@ -113,8 +108,6 @@ def adapter_chain(model) -> list[tuple[str, object]]:
     """(method, object) for each adapter of a model, innermost first; the object is the PeftModel, or for
     bottleneck adapters the transformers model that carries them."""
     from peft import PeftModel
-
-    from tuneforge.peft.bottleneck import has_bottleneck
 
     if "tuneforge_adapters" in vars(model):
         return list(vars(model)["tuneforge_adapters"])
@@ -192,8 +185,6 @@ def _own_parameters(method: str, obj) -> list:
 def save_adapters(model, out: Path, base_model_name_or_path: str, state_dict: dict | None = None) -> None:
     """Write the run's adapter(s) into `out` in the layout described at the top of this module. `state_dict`
     holds the gathered weights of a sharded (FSDP2) model, whose own parameters are only this rank's shards."""
-    from tuneforge.peft.bottleneck import save_bottleneck
-
     chain = adapter_chain(model)
     if state_dict is not None:
         if len(chain) != 1 or chain[0][0] == "adapter":
@@ -221,8 +212,6 @@ def save_adapters(model, out: Path, base_model_name_or_path: str, state_dict: di
 
 def saved_adapters(final: Path) -> list[tuple[str, Path]]:
     """(method, directory) of each adapter saved in a run's final/, innermost first; [] for a full model."""
-    from tuneforge.peft.bottleneck import CONFIG_NAME
-
     if (final / MANIFEST).is_file():
         try:
             entries = json.loads((final / MANIFEST).read_text())["adapters"]
@@ -239,8 +228,6 @@ def saved_adapters(final: Path) -> list[tuple[str, Path]]:
 
 def load_adapters(model, final: Path, trainable: bool = False):
     """Put the adapters saved in `final` on a freshly loaded base model; returns the outermost model."""
-    from tuneforge.peft.bottleneck import load_bottleneck
-
     peft = _import_peft()
     outer = inner = model
     stack = []
@@ -272,8 +259,6 @@ def check_mergeable(final: Path) -> list[tuple[str, Path]]:
 
 def describe_finetuning(model, cfg: Config) -> list[str]:
     """Start-of-run lines after the parameter count: adapters and where they sit, frozen parts, quantization."""
-    from tuneforge.models.classify import is_classifier
-
     lines = []
     if is_classifier(model):
         labels = transformers_model(model).config.id2label
@@ -287,8 +272,6 @@ def describe_finetuning(model, cfg: Config) -> list[str]:
     if cfg.peft is not None:
         lines.extend(describe_adapters(model))
     elif cfg.train.trainable is not None:
-        from tuneforge.peft.freeze import select_trainable
-
         lines.append("trainable: " + ", ".join(select_trainable(model, cfg.train.trainable)[1]) + "; the rest frozen")
     if cfg.distributed.activation_checkpointing:
         lines.append("activation checkpointing: on (non-reentrant), decoder layers recomputed in backward")

@@ -12,7 +12,11 @@ from pathlib import Path
 from tuneforge.config.peft_methods import PROMPT_LEARNING
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError, first_line
+from tuneforge.models import load_model_skeleton
+from tuneforge.models.classify import saved_model_config
 from tuneforge.models.tensors import header_shapes, shape_mismatch
+from tuneforge.peft import saved_adapters
+from tuneforge.peft.bottleneck import CONFIG_NAME, WEIGHTS_NAME, apply_bottleneck, hidden_size_of
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PROMPT_SIZES = ("token_dim", "num_layers", "num_attention_heads")  # what prompt methods take from the base config
@@ -20,11 +24,6 @@ PROMPT_SIZES = ("token_dim", "num_layers", "num_attention_heads")  # what prompt
 
 def check_adapters_fit(model_cfg: ModelConfig, final: Path) -> None:
     """Every adapter saved in `final` (innermost first) against the skeleton of model.name_or_path."""
-    from tuneforge.models import load_model_skeleton
-    from tuneforge.peft import saved_adapters
-
-    from tuneforge.models.classify import saved_model_config
-
     inner = load_model_skeleton(model_cfg, saved_model_config(final))  # a classifier's labels and head
     for method, directory in saved_adapters(final):
         if method == "adapter":
@@ -81,8 +80,6 @@ def _check_prompt_sizes(base_config, directory: Path, base: str) -> None:
 
 
 def _check_bottleneck(inner, directory: Path, base: str) -> None:
-    from tuneforge.peft.bottleneck import CONFIG_NAME, WEIGHTS_NAME, apply_bottleneck, hidden_size_of
-
     config_file = directory / CONFIG_NAME
     config = _read_json(config_file)
     if config.get("hidden_size") != hidden_size_of(inner):

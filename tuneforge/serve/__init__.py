@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.models import resolve_precision
+from tuneforge.run.load import load_run, load_run_model
+from tuneforge.serve.engine import TransformersEngine
 from tuneforge.serve.limits import Limits
+from tuneforge.serve.vllm import check_vllm, use_vllm, vllm_serve_command
 
 
 def import_web_stack():
@@ -73,11 +77,7 @@ def build_server(run_dir: str | Path, sock: socket.socket, api_key: str | None =
     """(uvicorn.Server, engine) serving the run's model with the transformers engine on `sock`;
     `server.run(sockets=[sock])` serves until `server.should_exit` is set."""
     uvicorn = import_web_stack()
-    from tuneforge.models import resolve_precision
-    from tuneforge.run.load import load_run_model
     from tuneforge.serve.app import Served, build_app
-    from tuneforge.serve.engine import TransformersEngine
-
     limits = limits or Limits()
     check_limits(limits)
     model, tokenizer, cfg = load_run_model(run_dir, overrides=overrides)
@@ -92,9 +92,6 @@ def build_server(run_dir: str | Path, sock: socket.socket, api_key: str | None =
 
 def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
               api_key: str | None = None, limits: Limits | None = None, chat_template: str | None = None) -> int:
-    from tuneforge.run.load import load_run
-    from tuneforge.serve.vllm import check_vllm, use_vllm, vllm_serve_command
-
     check_limits(limits or Limits())
     template = load_chat_template(chat_template)
     cfg, final = load_run(run_dir)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from tuneforge.eval.generate import Sampling
+from tuneforge.serve.engine import Job
+
 
 # Parameters of the OpenAI API that change what comes back and that this server does not implement: refusing them
 # beats returning something the client did not ask for.
@@ -78,9 +81,6 @@ def at_least(payload: dict, name: str, value, low, what: str = ">="):
 def build_job(payload: dict, prompts: list[str], limits: Limits, count_tokens, default_max_tokens: int,
               add_special_tokens: bool = True):
     """A Job from an OpenAI request's decoding fields (the prompts already rendered); checks every limit."""
-    from tuneforge.eval.generate import Sampling
-    from tuneforge.serve.engine import Job
-
     for name in UNSUPPORTED:
         if payload.get(name) not in (None, False, 0, [], {}):
             raise ApiError(400, f"{name}: not supported by this server", param=name)

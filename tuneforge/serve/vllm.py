@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tuneforge.errors import UserError
 from tuneforge.export import vllm_args
+from tuneforge.peft import saved_adapters
 
 
 def vllm_installed() -> bool:
@@ -20,8 +21,6 @@ def vllm_installed() -> bool:
 
 def vllm_servable(final: Path) -> str | None:
     """None when vLLM can serve the run's final/ as it is, else why not. vLLM applies plain LoRA adapters only."""
-    from tuneforge.peft import saved_adapters
-
     adapters = saved_adapters(final)
     if not adapters:
         return None
