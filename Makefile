@@ -35,14 +35,16 @@ quickstart: setup
 	$(BIN)/tuneforge generate --run runs/quickstart --examples 5 --max-new-tokens 24 && \
 	echo && echo "quickstart: $$(( $$(date +%s) - start )) s after setup; report: runs/quickstart/report.html"
 
-# Two pytest workers, one torch thread each (tests/conftest.py): the tiny models' steps are too small for two threads
-# to pay, so two tests at a time use the two cores better than one test with two threads. The multi-process tests
-# (marked slow: torchrun, 2 ranks) already use both cores, and run after the rest, alone, as in earlier suites: one
-# 2-rank run in about 80 died with SIGABRT while another test ran beside it. PYTEST_MARK narrows both parts (e.g.
-# precision). pytest's exit code 5 (no test collected) counts as a failure unless the other part ran tests.
+# ruff first (pyproject.toml [tool.ruff]): a lint error in the package fails the suite. Then two pytest workers, one
+# torch thread each (tests/conftest.py): the tiny models' steps are too small for two threads to pay, so two tests at
+# a time use the two cores better than one test with two threads. The multi-process tests (marked slow: torchrun,
+# 2 ranks) already use both cores, and run after the rest, alone, as in earlier suites: one 2-rank run in about 80
+# died with SIGABRT while another test ran beside it. PYTEST_MARK narrows both parts (e.g. precision). pytest's exit
+# code 5 (no test collected) counts as a failure unless the other part ran tests.
 PYTEST_WORKERS ?= 2
 PYTEST_MARK ?=
 test: setup
+	$(BIN)/ruff check tuneforge
 	@sel='$(PYTEST_MARK)'; \
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); a=$$?; \
 	$(BIN)/python -m pytest -q -m "slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); b=$$?; \

@@ -415,9 +415,9 @@ def cmd_slurm(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm,
-            "prepare-data": cmd_prepare_data, "plan": cmd_plan, "merge": cmd_merge, "eval": cmd_eval, "report": cmd_report,
-            "export": cmd_export, "push": cmd_push, "serve": cmd_serve, "query": cmd_query}
+COMMANDS = {"finetune": cmd_finetune, "generate": cmd_generate, "slurm": cmd_slurm, "prepare-data": cmd_prepare_data,
+            "plan": cmd_plan, "merge": cmd_merge, "eval": cmd_eval, "report": cmd_report, "export": cmd_export,
+            "push": cmd_push, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

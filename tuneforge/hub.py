@@ -74,7 +74,8 @@ def build_model_card(run_dir: str | Path) -> str:
              f"Fine-tuned from {_base_label(base)} with tuneforge: {method}.", ""]
     if peft:
         auto = "AutoPeftModelForSeq2SeqLM" if seq2seq else "AutoPeftModelForCausalLM"
-        lines += ["```python", f"from peft import {auto}", f"model = {auto}.from_pretrained(\"<this repo>\")", "```", ""]
+        lines += ["```python", f"from peft import {auto}", f"model = {auto}.from_pretrained(\"<this repo>\")",
+                  "```", ""]
     lines += ["## Data", "", *(_data_lines(config) or ["- (not recorded)"]), "", "## Scores", "",
               *_scores_table(run_dir), "", "## Recipe", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
@@ -127,5 +128,5 @@ def _network_errors() -> tuple[type, ...]:
             mod = importlib.import_module(module)
         except ImportError:
             continue
-        errors.append(getattr(mod, "HTTPError", None) or getattr(mod, "RequestException"))
+        errors.append(getattr(mod, "HTTPError", None) or mod.RequestException)
     return tuple(e for e in errors if isinstance(e, type))

@@ -213,5 +213,6 @@ def _load_sharded(ckpt: Path, state: TrainState, env: DistEnv) -> None:
     # strict=False: frozen weights are not in the checkpoint (they come from the base model); every trainable one
     # is, or dcp.load above would have failed.
     set_state_dict(state.module, state.optimizer, model_state_dict=shards["model"],
-                   optim_state_dict=shards["optimizer"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+                   optim_state_dict=shards["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state.load_progress(torch.load(ckpt / f"rank_{env.rank}.pt", weights_only=True))

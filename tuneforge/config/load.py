@@ -46,7 +46,8 @@ def load_config(source: str | os.PathLike | dict | Config | None = None, overrid
             where = f":{mark.line + 1}" if mark else ""
             raise UserError(f"{origin}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(raw, dict):
-            raise UserError(f"{origin}: a recipe must be a mapping of sections (run, model, data, ...), got {type(raw).__name__}")
+            raise UserError(f"{origin}: a recipe must be a mapping of sections (run, model, data, ...), "
+                            f"got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
     try:

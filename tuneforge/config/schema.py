@@ -40,7 +40,8 @@ class ModelConfig:
         "adapter runs: auto = keep the frozen linear weights in the compute dtype (bf16 under autocast: the values "
         "autocast would cast them to, at half the memory and without re-casting them every step); float32 keeps "
         "them fp32", "auto")
-    attn_implementation: Optional[str] = doc("attention backend passed to transformers (sdpa, eager, flash_attention_2)", "sdpa")
+    attn_implementation: Optional[str] = doc(
+        "attention backend passed to transformers (sdpa, eager, flash_attention_2)", "sdpa")
     trust_remote_code: bool = doc("run model code shipped with the checkpoint (only for sources you trust)", False)
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) when name_or_path is a Hub id", None)
     quantization: Optional[QuantizationConfig] = doc(
@@ -80,7 +81,8 @@ class PeftConfig:
     lora_rank: int = doc("LoRA rank r (lora)", 8)
     lora_alpha: float = doc("LoRA scaling alpha (scale = alpha / r, or alpha / sqrt(r) with use_rslora) (lora)", 16)
     lora_dropout: float = doc("dropout on the LoRA input (lora)", 0.0)
-    lora_bias: Literal["none", "all", "lora_only"] = doc("which biases train alongside LoRA (peft `bias`) (lora)", "none")
+    lora_bias: Literal["none", "all", "lora_only"] = doc(
+        "which biases train alongside LoRA (peft `bias`) (lora)", "none")
     target_modules: Union[list[str], str] = doc(
         "module names to adapt: a list, a regex string, or 'all-linear' (lora, ia3)", "all-linear")
     use_dora: bool = doc("DoRA: learn a per-output-channel magnitude beside the LoRA direction (lora)", False)
@@ -90,7 +92,8 @@ class PeftConfig:
     feedforward_modules: Optional[Union[list[str], str]] = doc(
         "IA3: target modules whose input (not output) is scaled; null = peft's per-architecture default "
         "(the MLP down projection) (ia3)", None)
-    num_virtual_tokens: int = doc("virtual tokens prepended to every sequence (prompt_tuning, p_tuning, prefix_tuning)", 20)
+    num_virtual_tokens: int = doc(
+        "virtual tokens prepended to every sequence (prompt_tuning, p_tuning, prefix_tuning)", 20)
     prompt_init_text: Optional[str] = doc(
         "initialise the virtual tokens from this text's embeddings; null = random (prompt_tuning)", None)
     encoder_type: Literal["MLP", "LSTM"] = doc("prompt encoder network (p_tuning)", "MLP")
@@ -101,12 +104,14 @@ class PeftConfig:
     adapter_len: int = doc("adaption-prompt tokens per adapted layer (llama_adapter)", 10)
     adapter_layers: Optional[int] = doc("adapt the top N decoder layers; null = all (llama_adapter)", None)
     bottleneck_size: int = doc("bottleneck width of each adapter: hidden -> size -> hidden (adapter)", 16)
-    bottleneck_activation: Literal["relu", "gelu", "silu"] = doc("non-linearity inside the bottleneck (adapter)", "relu")
+    bottleneck_activation: Literal["relu", "gelu", "silu"] = doc(
+        "non-linearity inside the bottleneck (adapter)", "relu")
 
 
 @dataclass
 class DataSource:
-    path: str = doc("data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
+    path: str = doc(
+        "data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
     format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification"] = doc(
         "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text, "
         "classification (a text and a label per row; model.kind: sequence_classification)", "squad")
@@ -114,11 +119,13 @@ class DataSource:
     name: Optional[str] = doc("name in reports and in metrics (val_loss/<name>); default: the file name", None)
     weight: float = doc("sampling weight among several training sources (share of the drawn examples)", 1.0)
     columns: Optional[dict] = doc("map the format's fields to this data's column names, e.g. {output: answer}", None)
-    prompt_template: Optional[str] = doc("this source's prompt with {field} placeholders (overrides data.prompt_template)", None)
+    prompt_template: Optional[str] = doc(
+        "this source's prompt with {field} placeholders (overrides data.prompt_template)", None)
     truncation: Literal["auto", "left", "drop"] = doc(
         "over-long examples: auto = shorten the context (squad, dolly), keep the start (classification), else cut "
         "the prompt's left; left; drop", "auto")
-    unanswerable: Optional[str] = doc("SQuAD v2 questions without an answer: null = skip them, or a fixed answer text", None)
+    unanswerable: Optional[str] = doc(
+        "SQuAD v2 questions without an answer: null = skip them, or a fixed answer text", None)
     split: str = doc("split of a Hub dataset or a saved DatasetDict", "train")
 
 
@@ -128,9 +135,11 @@ class DataConfig:
         "training data: one source, or a list of sources sampled by their `weight`", factory=DataSource)
     validation: Union[DataSource, list[DataSource], None] = doc(
         "validation data (optional): one source, or a list of named sets reported separately", None)
-    seq_length: int = doc("maximum tokens per example; longer prompts are truncated (context first), never the answer", 512)
+    seq_length: int = doc(
+        "maximum tokens per example; longer prompts are truncated (context first), never the answer", 512)
     prompt_template: Optional[str] = doc(
-        "prompt with {field} placeholders; default per format (squad: 'Context: {context} Question: {question} Answer:')", None)
+        "prompt with {field} placeholders; default per format "
+        "(squad: 'Context: {context} Question: {question} Answer:')", None)
     train_on_inputs: bool = doc("also compute the loss on prompt tokens", False)
     batching: Literal["pad_longest", "pad_to_max_length", "group_by_length", "packing"] = doc(
         "pad_longest; pad_to_max_length (seq_length); group_by_length (similar lengths per batch); packing "
@@ -153,7 +162,8 @@ class DataConfig:
     num_workers: int = doc("background processes that collate micro-batches ahead of the step (0 = in the training "
                            "process; collation is cheap next to a step)", 0)
     cache: bool = doc("reuse tokenized data when the files, tokenizer, template and lengths are unchanged", True)
-    cache_dir: Optional[str] = doc("tokenized-data cache (default $TUNEFORGE_CACHE_DIR or ~/.cache/tuneforge/data)", None)
+    cache_dir: Optional[str] = doc(
+        "tokenized-data cache (default $TUNEFORGE_CACHE_DIR or ~/.cache/tuneforge/data)", None)
 
 
 @dataclass

@@ -68,7 +68,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(data: DataConfig, source: DataSource, tokenizer) -> str:
-    parts = {"version": CACHE_VERSION, "data": content_fingerprint(source), "tokenizer": tokenizer_fingerprint(tokenizer),
+    parts = {"version": CACHE_VERSION, "data": content_fingerprint(source),
+             "tokenizer": tokenizer_fingerprint(tokenizer),
              "format": source.format, "columns": source.columns, "limit": source.limit, "split": source.split,
              "unanswerable": source.unanswerable, "truncation": source.truncation,
              "template": template_for(data, source), "chat_template": data.chat_template,

@@ -361,7 +361,7 @@ def tokenize_chat(records: list[Record], tokenizer, seq_length: int, train_on_in
             progress(len(chunk))
         # The template writes bos and the turn markers itself.
         enc = tokenizer([text for text, _ in chunk], return_offsets_mapping=True, add_special_tokens=False)
-        for (text, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+        for (_text, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
             ids = list(ids)
             labels = list(ids) if train_on_inputs else [
                 t if any(e > a and s < b for a, b in spans) else IGNORE for t, (s, e) in zip(ids, offsets)]

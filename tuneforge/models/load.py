@@ -1,4 +1,5 @@
-"""Load any causal LM (or seq2seq / sequence-classification model) and its tokenizer, from a local directory or a Hub id."""
+"""Load any causal LM (or seq2seq / sequence-classification model) and its tokenizer, from a local directory or a
+Hub id."""
 from __future__ import annotations
 
 import logging

@@ -267,7 +267,8 @@ def describe_finetuning(model, cfg: Config) -> list[str]:
     if q is not None:
         kind = "8-bit LLM.int8"
         if q.bits == 4:
-            kind = f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") + f", {q.compute_dtype} matmuls"
+            kind = (f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "")
+                    + f", {q.compute_dtype} matmuls")
         lines.append(f"base weights: {kind} (frozen)")
     if cfg.peft is not None:
         lines.extend(describe_adapters(model))

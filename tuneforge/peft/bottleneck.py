@@ -66,7 +66,7 @@ def find_sites(model) -> list[str]:
 
 def hidden_size_of(model) -> int:
     config = model.config
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def apply_bottleneck(model, size: int, activation: str, sites: list[str] | None = None) -> list[str]:

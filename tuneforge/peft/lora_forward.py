@@ -5,8 +5,8 @@ layer's output (B's product, then its scaled copy) and a third for the sum, in e
 decoder layer. On CPU those temporaries, freed between the activations that backward keeps, fragment glibc's heap:
 with SmolLM2-135M (micro batch 4 x 512, fp32) the heap grew to 7.3 GB for 3.6 GB of live tensors. Here the update is
 one `addmm_` into the base output (which autograd does not keep: a linear saves its input, not its output), so
-there are no output-sized temporaries: peak RSS 5.9 GB, same speed (benchmarks/RESULTS.md, "Memory"). The values are peft's up to rounding: the sum is
-rounded once instead of three times.
+there are no output-sized temporaries: peak RSS 5.9 GB, same speed (benchmarks/RESULTS.md, "Memory"). The values
+are peft's up to rounding: the sum is rounded once instead of three times.
 
 It replaces the forward of plain vanilla LoRA layers only (nn.Linear base, one active adapter, no DoRA or other
 variant, no LoRA bias); everything else, and any call peft's forward handles specially (adapters disabled, merged,
