@@ -1,4 +1,6 @@
-"""Atomic writes: a reader (or the next run after a crash) sees the old content or the new, never half of one.
+"""Reading a file the user named, and atomic writes.
+
+Atomic writes: a reader (or the next run after a crash) sees the old content or the new, never half of one.
 
 A file is written to a temporary sibling, flushed and fsynced, renamed over the target (os.replace is atomic
 within one file system), and then its directory is fsynced so the rename itself survives a power cut. A directory
@@ -17,6 +19,20 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from tuneforge.errors import UserError
+
+
+def read_user_text(path: str | Path, label: str, what: str = "file", detail: bool = False) -> str:
+    """The UTF-8 text of a file the user named; a missing or unreadable one is one line, '<label>: no such <what>'
+    or '<label>: cannot read <what> (<why>)', with the exception's message too when `detail`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{label}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"{e.__class__.__name__}: {e}" if detail else e.__class__.__name__
+        raise UserError(f"{label}: cannot read {what} ({why})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

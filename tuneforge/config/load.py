@@ -8,7 +8,6 @@ import os
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -16,6 +15,7 @@ import yaml
 from tuneforge.config.rules import check_recipe
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.files import read_user_text
 from tuneforge.files import write_atomic
 
 _SECRET = re.compile(r"token(?!s|izer)|key|secret|password", re.IGNORECASE)  # max_new_tokens is a count
@@ -33,12 +33,7 @@ def load_config(source: str | os.PathLike | dict | Config | None = None, overrid
         raw, origin, text = {}, "<defaults>", None
     else:
         origin = str(source)
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{origin}: no such recipe file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{origin}: cannot read recipe ({e.__class__.__name__}: {e})") from None
+        text = read_user_text(source, origin, "recipe file", detail=True)
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

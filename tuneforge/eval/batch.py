@@ -9,6 +9,7 @@ from tuneforge.config.schema import Config
 from tuneforge.data import as_sources, template_for
 from tuneforge.data.tokenize import chat_prompts_for
 from tuneforge.errors import UserError
+from tuneforge.files import read_user_text
 from tuneforge.eval.generate import Sampling, generate
 
 
@@ -44,12 +45,7 @@ def prompt_of(row: dict, template: str, fields: list[str], where: str, chat=None
 
 
 def read_prompts(path: str, template: str, chat=None, tokenizer=None) -> list[tuple[dict, str, bool]]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--input {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--input {path}: cannot read ({e.__class__.__name__})") from None
+    text = read_user_text(path, f"--input {path}")
     fields = template_fields(template)
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -96,19 +96,13 @@ def _tb_tag(key: str) -> str:
     return f"train/{key}"
 
 
+# The console line of a logged step: (key that must be present, format of the metrics), in print order.
+_CONSOLE = (("loss", "loss {loss:.4f}"), ("val_loss", "val_loss {val_loss:.4f}"),
+            ("val_accuracy", "accuracy {val_accuracy:.3f} macro-F1 {val_macro_f1:.3f}"),
+            ("squad_f1", "squad EM {squad_em:.1f} F1 {squad_f1:.1f}"), ("lr", "lr {lr:.2e}"),
+            ("tokens_per_s", "{tokens_per_s:,.0f} tok/s"))
+
+
 def _short(m: dict) -> str:
-    parts = []
-    if "loss" in m:
-        parts.append(f"loss {m['loss']:.4f}")
-    if "val_loss" in m:
-        parts.append(f"val_loss {m['val_loss']:.4f}")
-    if "val_accuracy" in m:
-        parts.append(f"accuracy {m['val_accuracy']:.3f} macro-F1 {m['val_macro_f1']:.3f}")
-    if "squad_f1" in m:
-        parts.append(f"squad EM {m['squad_em']:.1f} F1 {m['squad_f1']:.1f}")
-    if "lr" in m:
-        parts.append(f"lr {m['lr']:.2e}")
-    if "tokens_per_s" in m:
-        parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
-    return "  ".join(parts)
+    return "  ".join(form.format(**m) for key, form in _CONSOLE if key in m)
 
