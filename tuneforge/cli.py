@@ -298,7 +298,7 @@ def cmd_generate(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.data.report import print_data_report
+    from tuneforge.data.summary import print_data_report
     from tuneforge.models import load_tokenizer
     from tuneforge.models.gguf import resolve_model_source
 

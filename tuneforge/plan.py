@@ -65,7 +65,7 @@ class Estimate:
 
 
 @dataclass
-class ModelFacts:
+class TracedModel:
     """What one micro-batch of one sequence costs, from the model built on fake tensors."""
     params: int
     trainable: int
@@ -121,7 +121,7 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def trace_model(cfg: Config, autocast, strategy: str) -> ModelFacts:
+def trace_model(cfg: Config, autocast, strategy: str) -> TracedModel:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = load_model_skeleton(cfg.model)
@@ -147,7 +147,7 @@ def trace_model(cfg: Config, autocast, strategy: str) -> ModelFacts:
     hidden = model.config.get_text_config().hidden_size
     saved = _saved_bytes(model, cfg.data.seq_length, autocast, FakeTensorMode)
     vocab = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
-    return ModelFacts(params, trainable, weight_bytes, trainable_linear, frozen_linear, saved,
+    return TracedModel(params, trainable, weight_bytes, trainable_linear, frozen_linear, saved,
                       hidden * 4, len(layers), hidden, vocab, type(head) is torch.nn.Linear)
 
 
@@ -192,7 +192,7 @@ def _fake_parameters(model) -> None:
                 module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
 
 
-def memory(cfg: Config, f: ModelFacts, micro: int, checkpointing: bool, shards: int) -> Estimate:
+def memory(cfg: Config, f: TracedModel, micro: int, checkpointing: bool, shards: int) -> Estimate:
     seq = cfg.data.seq_length
     adam = 8 if cfg.train.optimizer.name in ("adam", "adamw") else 0
     if checkpointing:
@@ -213,7 +213,7 @@ def memory(cfg: Config, f: ModelFacts, micro: int, checkpointing: bool, shards: 
                     loss, runtime)
 
 
-def suggest_micro_batch(cfg: Config, f: ModelFacts, checkpointing: bool, shards: int, available: float) -> int | None:
+def suggest_micro_batch(cfg: Config, f: TracedModel, checkpointing: bool, shards: int, available: float) -> int | None:
     """The largest micro batch dividing the global batch whose estimate stays under 90% of the device."""
     best = None
     per_rank = cfg.train.global_batch_size
@@ -250,7 +250,7 @@ def available_memory(device: str) -> tuple[float, str]:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "RAM"
 
 
-def step_time(cfg: Config, f: ModelFacts, autocast, device: str, world_size: int, checkpointing: bool
+def step_time(cfg: Config, f: TracedModel, autocast, device: str, world_size: int, checkpointing: bool
               ) -> tuple[float, float]:
     t = cfg.train
     tokens = t.global_batch_size * cfg.data.seq_length / world_size

@@ -94,7 +94,7 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
     fsync_dir(tmp)
     final = ckpt_root / f"step_{step}"
     if final.exists():
-        _remove(final)
+        _retire(final)
     os.replace(tmp, final)
     fsync_dir(ckpt_root)
     write_atomic(ckpt_root / LATEST, final.name)
@@ -104,7 +104,7 @@ def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int |
     return final
 
 
-def _remove(ckpt: Path) -> None:
+def _retire(ckpt: Path) -> None:
     """Rename out of sight, then delete: a crash mid-delete leaves hidden debris, never a half checkpoint that
     still looks like one."""
     doomed = ckpt.with_name(f".tmp-removing-{ckpt.name}")
@@ -123,7 +123,7 @@ def _apply_retention(ckpt_root: Path, keep_last: int | None, keep: Path) -> None
         return
     for old in _complete(ckpt_root)[:-keep_last]:
         if old != keep:
-            _remove(old)
+            _retire(old)
 
 
 def verify(ckpt: Path) -> str | None:

@@ -22,8 +22,8 @@ from tuneforge.checkpoint.state import TrainState
 from tuneforge.config import Config, to_dict
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
-from tuneforge.data.report import data_summary_lines
 from tuneforge.data.seq2seq import build_seq2seq_collator
+from tuneforge.data.summary import data_summary_lines
 from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
                                    launched_world_size, needs_skeleton, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
@@ -39,7 +39,7 @@ from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
 from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
-from tuneforge.train.export import consolidated_state, save_final
+from tuneforge.train.final import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.signals import StopRequest
