@@ -112,7 +112,7 @@ def test_adapter_reloads_in_plain_peft_and_merges(runs, tmp_path):
     from tuneforge.data import build_eval_batches, prepare_source
     from tuneforge.data.seq2seq import build_seq2seq_collator
     from tuneforge.models import count_label_tokens, load_tokenizer
-    from tuneforge.models.seq2seq import seq2seq_loss
+    from tuneforge.models.loss import seq2seq_loss
     from tuneforge.run.load import load_run_model
     from tuneforge.run.merge import merge_run
 

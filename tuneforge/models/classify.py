@@ -1,5 +1,5 @@
 """Sequence classification (model.kind: sequence_classification): the label config that sizes the head, the
-optional MLP head and the loss. The rules that keep a recipe from mixing classification with what cannot apply
+optional MLP head (the loss is loss.py's classification_loss). The rules that keep a recipe from mixing classification with what cannot apply
 are in config/rules/kind.py.
 
 The model is transformers' own AutoModelForSequenceClassification: it pools the hidden state of each row's last
@@ -12,10 +12,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND
-from tuneforge.data.tokenize import IGNORE
 from tuneforge.errors import UserError
 from tuneforge.models.kind import hub_kwargs, kind_of
 from tuneforge.models import mlp_head
@@ -119,16 +117,6 @@ def saved_model_config(final: Path):
         return None
     config = AutoConfig.from_pretrained(str(final))
     return config if kind_of(config) == KIND else None
-
-
-def classification_loss(model, batch: dict[str, torch.Tensor], with_logits: bool = False):
-    """Summed cross-entropy over the batch's examples (rows whose labels are all -100, e.g. a rank's filler batch,
-    count for nothing); with_logits also returns (logits, label ids) of the counted rows."""
-    labels = batch["labels"][:, 1:].max(dim=1).values  # the one label id of each row, -100 for a filler row
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    keep = labels != IGNORE
-    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-    return (loss, logits[keep].detach(), labels[keep]) if with_logits else loss
 
 
 def head_target_modules(part, model):

@@ -1,4 +1,7 @@
-"""The training loss: summed token cross-entropy, with the LM head applied only where a label is.
+"""The training loss of every model kind: `training_loss` picks causal LM, seq2seq or classifier; each sums (never
+averages) over its labelled positions, and `count_label_tokens` counts the same positions for the division.
+
+For a causal LM the LM head is applied only where a label is.
 
 Prompt and padding positions need no logits. Running the backbone, then the output layer on the labelled
 positions only, never materialises the (batch, seq, vocab) fp32 logits that a plain forward builds: for SQuAD
@@ -12,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.models.classify import classification_loss, is_classifier
-from tuneforge.models.seq2seq import is_seq2seq_batch, seq2seq_loss
+from tuneforge.models.classify import is_classifier
+from tuneforge.models.seq2seq import is_seq2seq_batch
 from tuneforge.models.layers import transformers_model
 
+_SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 _UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
 
 
@@ -116,3 +120,22 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = F
         return HeadCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], chunk_tokens)
     # an adapter or a quantized layer on the head: its own forward, on the labelled positions only
     return F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction="sum")
+
+
+def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of the decoder's token losses over labelled positions; the caller divides by the step's
+    label tokens, as for a causal LM."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k in _SEQ2SEQ_INPUTS}, use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def classification_loss(model, batch: dict[str, torch.Tensor], with_logits: bool = False):
+    """Summed cross-entropy over the batch's examples (rows whose labels are all -100, e.g. a rank's filler batch,
+    count for nothing); with_logits also returns (logits, label ids) of the counted rows."""
+    labels = batch["labels"][:, 1:].max(dim=1).values  # the one label id of each row, -100 for a filler row
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    keep = labels != IGNORE
+    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return (loss, logits[keep].detach(), labels[keep]) if with_logits else loss

@@ -1,7 +1,8 @@
-"""Encoder-decoder (T5 / BART family) models: the loss and the peft task type (the recipe rules for them are in
-config/rules/kind.py, the check that a checkpoint is one in preflight.py).
+"""Encoder-decoder (T5 / BART family) models: recognising them and their batches, and the peft task type. Their loss
+is in loss.py (seq2seq_loss), the recipe rules for them in config/rules/kind.py, the check that a checkpoint is one
+in preflight.py.
 
-The loss runs the model's own forward and takes its logits: T5 scales the decoder output by d_model**-0.5 before a
+Their loss runs the model's own forward and takes its logits: T5 scales the decoder output by d_model**-0.5 before a
 tied LM head, so the causal path's head-on-labelled-positions-only split (loss.py) would need model-specific
 knowledge. Targets are the answer tokens only (a few per example), so the (batch, target, vocab) logits are small
 and train.loss_chunk_tokens / train.head_on_labels_only do not apply."""
@@ -10,13 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
-from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.layers import transformers_model
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
 
 def model_config(model):
@@ -30,15 +27,6 @@ def is_encoder_decoder(model) -> bool:
 def is_seq2seq_batch(batch: dict) -> bool:
     """Seq2seq batches carry the decoder inputs; their labels line up with them (no shift by one)."""
     return "decoder_input_ids" in batch
-
-
-def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum (not mean) of the decoder's token losses over labelled positions; the caller divides by the step's
-    label tokens, as for a causal LM."""
-    labels = batch["labels"]
-    logits = model(**{k: v for k, v in batch.items() if k in _MODEL_INPUTS}, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
 
 
 def peft_task_type(model) -> str:
