@@ -147,8 +147,28 @@ def violations(edges, layers, lazy_allowed, lazy_edges=()) -> list[str]:
                             f"layer {rank[ua] + 1} ({ua})")
         if lazy and a not in lazy_allowed and (a, b) not in lazy_edges:
             problems.append(f"{a}:{line} imports {b} inside a function (only for optional packages and CLI start-up)")
-    problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(edges)]
+    problems += [f"import cycle: {' -> '.join(cycle_path(edges, c))}" for c in cycles(edges)]
     return problems
+
+
+def cycle_path(edges, component: list[str]) -> list[str]:
+    """One shortest cycle through the component's first module, as the chain of imports that closes it."""
+    inside = set(component)
+    graph: dict[str, list[str]] = {}
+    for a, b, _, _ in edges:
+        if a in inside and b in inside:
+            graph.setdefault(a, []).append(b)
+    start = component[0]
+    paths, seen = [[start]], {start}
+    while paths:
+        path = paths.pop(0)
+        for nxt in sorted(graph.get(path[-1], [])):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                paths.append(path + [nxt])
+    return component
 
 
 def test_tuneforge_keeps_its_layers():
@@ -177,7 +197,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize("files, expected", [
     # a cycle hidden in a function-local import
     ({"__init__.py": "", "low/__init__.py": "", "low/a.py": "from pkg.low import b\n",
-      "low/b.py": "def f():\n    from pkg.low.a import x\n"}, ["import cycle: pkg.low.a -> pkg.low.b",
+      "low/b.py": "def f():\n    from pkg.low.a import x\n"}, ["import cycle: pkg.low.a -> pkg.low.b -> pkg.low.a",
                                                                   "pkg.low.b:2 imports pkg.low.a inside a function"]),
     # an upward edge, written as a relative import
     ({"__init__.py": "", "low/__init__.py": "", "low/a.py": "from ..high import c\n", "high/__init__.py": "",
