@@ -49,7 +49,7 @@ def _logits(model, batch):
 
 
 def _dev_batch(tokenizer):
-    from tuneforge.data.sources import load_records
+    from tuneforge.data.records import load_records
     from tuneforge.data.tokenize import tokenize_records
 
     records = load_records(str(SQUAD_DEV), "squad", 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tuneforge.data import IGNORE, MicroBatchSampler, build_train_loader, load_records, tokenize_records
-from tuneforge.data.sources import DEFAULT_TEMPLATES, Record
+from tuneforge.data.records import DEFAULT_TEMPLATES, Record
 from tuneforge.errors import UserError
 from tests.conftest import SQUAD_TRAIN
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data import IGNORE, load_records, prepare_set, tokenize_chat, tokenize_records
-from tuneforge.data.sources import DEFAULT_TEMPLATES
+from tuneforge.data.records import DEFAULT_TEMPLATES
 from tuneforge.errors import UserError
 from tests.conftest import STORIES
 

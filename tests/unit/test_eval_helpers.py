@@ -10,11 +10,11 @@ from tuneforge.config import load_config
 from tuneforge.config.load import to_dict
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.data import source_name
-from tuneforge.data.sources import Record
+from tuneforge.data.records import Record
 from tuneforge.errors import UserError
 from tuneforge.eval.evaluate import fit_prompt
 from tuneforge.config.sources import validation_sets
-from tuneforge.eval.sources import squad_source
+from tuneforge.eval.evaluate import squad_source
 
 
 def base_cfg(**extra):

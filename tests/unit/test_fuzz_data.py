@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tuneforge.data import load_records, tokenize_chat, tokenize_records
-from tuneforge.data.sources import DEFAULT_TEMPLATES, FORMAT_FIELDS
+from tuneforge.data.records import DEFAULT_TEMPLATES, FORMAT_FIELDS
 from tuneforge.errors import UserError
 from tests.unit.test_data_formats import CHAT_TEMPLATE
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SQUAD_DEV
-from tuneforge.data.sources import read_squad
+from tuneforge.data.records import read_squad
 from tuneforge.eval.squad import exact_match, f1, normalize_answer, squad_scores
 
 

@@ -6,7 +6,7 @@ from tuneforge.data.loader import (Collator, MicroBatchSampler, PackedCollator, 
 from tuneforge.config.sources import as_sources, source_name, validation_sets
 from tuneforge.data.prepare import prepare_data, prepare_set, prepare_source, template_for
 from tuneforge.data.tables import PreparedData, TokenTable
-from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, load_records, load_source_records
+from tuneforge.data.records import DEFAULT_TEMPLATES, Record, load_records, load_source_records
 from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, tokenize_chat, tokenize_records
 
 __all__ = ["DEFAULT_TEMPLATES", "IGNORE", "Collator", "Example", "MicroBatchSampler", "PackedCollator",

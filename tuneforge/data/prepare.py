@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
-from tuneforge.config.sources import as_sources, source_name, validation_sets
-from tuneforge.data.sources import DEFAULT_TEMPLATES, Record, dataset_fingerprint, is_hub_id, load_source_records
+from tuneforge.config.sources import as_sources, is_hub_id, source_name, validation_sets
+from tuneforge.data.records import DEFAULT_TEMPLATES, Record, dataset_fingerprint, load_source_records
 from tuneforge.data.tokenize import (TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
                                     tokenize_records)
 from tuneforge.errors import UserError

@@ -7,7 +7,7 @@ from itertools import chain
 
 import numpy as np
 
-from tuneforge.data.sources import Record
+from tuneforge.data.records import Record
 from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats
 from tuneforge.errors import UserError
 

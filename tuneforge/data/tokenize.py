@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tuneforge.data.sources import DEFAULT_TEMPLATES, Record
+from tuneforge.data.records import DEFAULT_TEMPLATES, Record
 from tuneforge.errors import UserError
 
 IGNORE = -100

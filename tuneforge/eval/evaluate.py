@@ -12,16 +12,15 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import Config, DataSource
-from tuneforge.config.sources import validation_sets
+from tuneforge.config.sources import is_hub_id, validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.data.sources import Record, is_hub_id
+from tuneforge.data.records import Record
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
 from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
-from tuneforge.eval.sources import dataset_format, squad_source
 from tuneforge.eval.squad import squad_scores
 from tuneforge.eval.validate import validate
 from tuneforge.files import write_atomic
@@ -29,6 +28,28 @@ from tuneforge.models import resolve_precision
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
 from tuneforge.run.load import load_run_model
+
+
+def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = None) -> DataSource | None:
+    """The SQuAD questions to answer: --dataset, else eval.squad.path, else the first squad-format validation set.
+    `limit` (None = the source's own limit, if any) caps the number of questions."""
+    sq = cfg.eval.squad
+    if dataset is not None:
+        return DataSource(path=dataset, format="squad", limit=limit) if dataset_format(dataset) == "squad" else None
+    if sq is not None and sq.path:
+        return DataSource(path=sq.path, format="squad", limit=limit)
+    for _, src in validation_sets(cfg.data):
+        if src.format == "squad":
+            return DataSource(path=src.path, format="squad", limit=limit if limit is not None else src.limit,
+                              split=src.split)
+    return None
+
+
+def dataset_format(path: str) -> str:
+    """--dataset FILE: a .jsonl file holds input/output lines, anything else is SQuAD json."""
+    if not Path(path).is_file():
+        raise UserError(f"--dataset: no such file '{path}'")
+    return "input_output" if path.endswith(".jsonl") else "squad"
 
 
 def prompt_budget(model, seq_length: int, max_new_tokens: int) -> int:

@@ -1,6 +1,6 @@
-"""Sequence classification (model.kind: sequence_classification): the label config that sizes the head, the
-optional MLP head (the loss is loss.py's classification_loss). The rules that keep a recipe from mixing classification with what cannot apply
-are in config/rules/kind.py.
+"""Sequence classification (model.kind: sequence_classification): the label config that sizes the head and the
+optional MLP head. The loss is loss.py's classification_loss; the rules that keep a recipe from mixing
+classification with what cannot apply are in config/rules/kind.py.
 
 The model is transformers' own AutoModelForSequenceClassification: it pools the hidden state of each row's last
 non-padding token (found from config.pad_token_id, so left and right padding both work) and maps it to the labels.
