@@ -25,7 +25,7 @@ from tuneforge.errors import UserError
 from tuneforge.models.load import load_model_skeleton
 from tuneforge.models.tensors import check_tensors_fit, header_shapes
 from tuneforge.peft import apply_finetuning
-from tuneforge.files import file_sha256, fsync_dir, write_atomic
+from tuneforge.files import file_sha256, replace_dir, write_atomic
 
 log = logging.getLogger("tuneforge")
 
@@ -83,20 +83,14 @@ def _fresh_tmp(ckpt_root: Path, step: int, shared: bool = False, env=None) -> Pa
 
 
 def _publish(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep_last: int | None) -> Path:
-    """fsync every file, record sizes and hashes, rename into place, then move LATEST: a crash at any point
-    leaves either the previous or the new checkpoint complete and findable."""
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-        files[str(path.relative_to(tmp))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
-    fsync_dir(tmp)
+    """Record sizes and hashes, swap the directory into place (every file fsynced first; a step written again
+    replaces the old copy only once the new one is whole), then move LATEST: a crash at any point leaves either the
+    previous or the new checkpoint complete and findable."""
+    files = {str(path.relative_to(tmp)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+             for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
+    write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files, **meta}, indent=1))
     final = ckpt_root / f"step_{step}"
-    if final.exists():
-        _retire(final)
-    os.replace(tmp, final)
-    fsync_dir(ckpt_root)
+    replace_dir(tmp, final)
     write_atomic(ckpt_root / LATEST, final.name)
     _apply_retention(ckpt_root, keep_last, keep=final)
     for leftover in ckpt_root.glob(".tmp-*"):  # from a writer that was killed: never published, only taking room
