@@ -22,10 +22,10 @@ from tuneforge.checkpoint.state import TrainState
 from tuneforge.config.schema import Config
 from tuneforge.distributed import DistEnv, barrier, inner_model
 from tuneforge.errors import UserError
+from tuneforge.files import file_sha256, replace_dir, write_atomic
 from tuneforge.models.load import load_model_skeleton
 from tuneforge.models.tensors import check_tensors_fit, header_shapes
 from tuneforge.peft import apply_finetuning
-from tuneforge.files import file_sha256, replace_dir, write_atomic
 
 log = logging.getLogger("tuneforge")
 
