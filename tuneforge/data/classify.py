@@ -18,8 +18,8 @@ import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.config.sources import as_sources, source_name, validation_sets
-from tuneforge.data.tables import PreparedData, SourceReport, TokenTable, split_validation
 from tuneforge.data.records import Record, _Reader, iter_rows
+from tuneforge.data.tables import PreparedData, SourceReport, TokenTable, split_validation
 from tuneforge.data.tokenize import IGNORE, Example, TokenizeStats, render_prompt
 from tuneforge.errors import UserError
 

@@ -17,12 +17,12 @@ import numpy as np
 
 from tuneforge.config.schema import DataConfig, DataSource
 from tuneforge.config.sources import as_sources, is_hub_id, source_name, validation_sets
+from tuneforge.data.classify import prepare_classification_data, uses_classification
 from tuneforge.data.records import DEFAULT_TEMPLATES, Record, dataset_fingerprint, load_source_records
+from tuneforge.data.tables import PreparedData, SourceReport, TokenTable, split_validation
 from tuneforge.data.tokenize import (TokenizeStats, chat_prompts_for, fit_chat_records, tokenize_chat,
                                     tokenize_records)
 from tuneforge.errors import UserError
-from tuneforge.data.classify import prepare_classification_data, uses_classification
-from tuneforge.data.tables import PreparedData, SourceReport, TokenTable, split_validation
 from tuneforge.files import atomic_dir
 
 CACHE_VERSION = 1  # bump when tokenization changes what it produces for the same inputs

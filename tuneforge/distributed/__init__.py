@@ -17,8 +17,8 @@ from torch import nn
 
 from tuneforge.config.rules.distributed import check_dp_replicate
 from tuneforge.config.schema import DistributedConfig
-from tuneforge.models.loss import training_loss
 from tuneforge.models.layers import decoder_layers
+from tuneforge.models.loss import training_loss
 
 log = logging.getLogger("tuneforge")
 

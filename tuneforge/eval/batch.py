@@ -9,8 +9,8 @@ from tuneforge.config.schema import Config
 from tuneforge.data import as_sources, template_for
 from tuneforge.data.tokenize import chat_prompts_for
 from tuneforge.errors import UserError
-from tuneforge.files import read_user_text
 from tuneforge.eval.generate import Sampling, generate
+from tuneforge.files import read_user_text
 
 
 def sampling_from_args(args) -> Sampling:

@@ -14,8 +14,8 @@ import torch
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.config.sources import is_hub_id, validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
-from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.records import Record
+from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
 from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
 from tuneforge.errors import UserError

@@ -15,8 +15,8 @@ import torch
 
 from tuneforge.config.rules.kind import SEQUENCE_CLASSIFICATION as KIND
 from tuneforge.errors import UserError
-from tuneforge.models.kind import hub_kwargs, kind_of
 from tuneforge.models import mlp_head
+from tuneforge.models.kind import hub_kwargs, kind_of
 from tuneforge.models.layers import transformers_model
 from tuneforge.models.mlp_head import with_mlp_head
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.classify import is_classifier
-from tuneforge.models.seq2seq import is_seq2seq_batch
 from tuneforge.models.layers import transformers_model
+from tuneforge.models.seq2seq import is_seq2seq_batch
 
 _SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 _UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
