@@ -21,14 +21,15 @@ SQUAD_DEV = REPO / "assets/data/squad/dev.json"
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `tuneforge` command line in a subprocess (this checkout's package, whatever is installed)."""
+            timeout: int = 600, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tuneforge` command line in a subprocess (this checkout's package, whatever is installed);
+    `command` replaces `python -m tuneforge ARGS` (e.g. torchrun's own command line for the same run)."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     full_env.update(env or {})  # a test may override the defaults above (e.g. HF_HUB_OFFLINE=0)
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = command or [sys.executable, "-m", "tuneforge", *args]
+    proc = subprocess.run(command, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"tuneforge {' '.join(args)} exited {proc.returncode}\n"
+        raise AssertionError(f"{' '.join(command)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 

@@ -38,8 +38,8 @@ def generate(run_dir: str | os.PathLike, prompts: str | list[str], max_new_token
     """Continue each prompt with the run's model (greedy unless temperature > 0); one prompt gives one string, a
     list gives a list. Loads the model on every call: for many prompts pass them in one list."""
     from tuneforge.eval.generate import Sampling, generate as generate_batch
-    from tuneforge.models import resolve_precision
-    from tuneforge.run.load import load_run_model
+    from tuneforge.models.load import resolve_precision
+    from tuneforge.run.model import load_run_model
 
     model, tokenizer, cfg = load_run_model(run_dir, base=base)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -253,8 +253,8 @@ def cmd_generate(args) -> int:
         raise UserError("generate: --input and --output go together")
     from tuneforge.eval.batch import sampling_from_args
     from tuneforge.eval.generate import generate
-    from tuneforge.models import resolve_precision
-    from tuneforge.run.load import load_run_model
+    from tuneforge.models.load import resolve_precision
+    from tuneforge.run.model import load_run_model
 
     sampling = sampling_from_args(args)
     model, tokenizer, cfg = load_run_model(args.run, base=args.base)
@@ -299,7 +299,7 @@ def cmd_generate(args) -> int:
 def cmd_prepare_data(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.data.summary import print_data_report
-    from tuneforge.models import load_tokenizer
+    from tuneforge.models.load import load_tokenizer
     from tuneforge.models.gguf import resolve_model_source
 
     cfg = resolve_model_source(load_config(args.config, args.overrides))

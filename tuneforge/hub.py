@@ -11,10 +11,10 @@ import yaml
 from tuneforge.config.load import _redact
 from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError, first_line
-from tuneforge.eval.evaluate import read_scores
 from tuneforge.models.gguf import gguf_origin
 from tuneforge.models.seq2seq import is_seq2seq_output
 from tuneforge.run.load import load_run
+from tuneforge.run.scores import read_scores
 
 SCORE_KEYS = ("val_loss", "perplexity", "squad_em", "squad_f1")
 

@@ -13,9 +13,9 @@ import yaml
 from tuneforge.config.load import _redact
 from tuneforge.config.rules.peft import method_label
 from tuneforge.errors import UserError
-from tuneforge.eval.evaluate import read_scores
 from tuneforge.files import write_atomic
 from tuneforge.models.gguf import gguf_origin
+from tuneforge.run.scores import read_scores
 
 # (title, y label, [(metric key, legend label)]) for each plot; a plot with no data is left out.
 PLOTS = [

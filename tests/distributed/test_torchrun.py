@@ -1,5 +1,6 @@
 """2-process runs under torchrun (gloo on CPU) against the single-process run of the same recipe and global batch."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import SQUAD_DEV, STORIES, read_metrics, run_cli, tiny_overrides
+from tuneforge.launch import torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +92,21 @@ def test_fsdp2_stop_and_resume_continues_the_curve(tiny_recipe, tmp_path):
     assert bad.returncode == 2 and "written by 2 processes, resumed with 1" in bad.stderr
 
 
+def torchrun(recipe, tmp_path, name, *extra, nproc=2):
+    """The ranks of `tuneforge finetune --nproc-per-node N`, started by torchrun's command line as the launcher
+    builds it (launch.torchrun_command), without the launcher's own pre-flight in a parent process."""
+    args = SimpleNamespace(nproc_per_node=nproc, nnodes=1, rdzv_endpoint=None, node_rank=0, config=str(recipe),
+                           overrides=tiny_overrides(tmp_path, name, *COMMON, *extra), overwrite=False, debug=False)
+    return run_cli(command=torchrun_command(args), check=False)
+
+
 def test_twenty_consecutive_two_process_runs_exit_cleanly(tiny_recipe, tmp_path):
+    """How the ranks end (a clean exit, no SIGABRT from gloo's teardown), twenty times; torchrun is started directly,
+    as a user may, so the launcher's pre-flight (tested with the refusals) does not run twenty times."""
     for i in range(20):
         strategy = ("ddp", "fsdp2")[i % 2]
-        proc = run(tiny_recipe, tmp_path, f"r{i}", "train.max_steps=1", "data.train.limit=16",
-                   "data.seq_length=96", f"distributed.strategy={strategy}", nproc=2, check=False)
+        proc = torchrun(tiny_recipe, tmp_path, f"r{i}", "train.max_steps=1", "data.train.limit=16",
+                        "data.seq_length=96", f"distributed.strategy={strategy}")
         # the first lines hold the failing rank's own error, the last torchrun's summary
         assert proc.returncode == 0, (i, strategy, proc.stderr[:4000], proc.stderr[-1500:])
         assert "SIGABRT" not in proc.stderr and "Traceback" not in proc.stderr

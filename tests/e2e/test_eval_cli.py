@@ -90,7 +90,7 @@ def test_eval_limit_dataset_and_overrides(run, tmp_path):
 
 def test_batch_generate_writes_one_line_per_input_in_order(run, tmp_path):
     from tuneforge.eval.generate import generate
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     rows = [{"prompt": "Once upon a time", "id": "a"},
             {"context": "Lily has a red ball.", "question": "What color is the ball?", "id": "b"},
@@ -189,7 +189,7 @@ def test_report_opens_in_a_headless_browser_with_every_image_decoded(run, tmp_pa
 def test_export_merged_model_gives_the_adapter_logits(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     out = run_cli("export", "--run", str(run), "--format", "vllm", "--out", str(tmp_path / "merged"))
     assert out.stdout.strip() == f"vllm serve {tmp_path / 'merged'} --served-model-name r"
@@ -256,7 +256,7 @@ def test_harness_runs_a_local_lm_eval_task_on_the_adapter(run):
 
 def expected_choice_accuracy(run, data: Path) -> float:
     """The same task scored by hand: pick the choice with the highest summed log-probability."""
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     model, tok, _ = load_run_model(run)
     docs = [json.loads(line) for line in data.read_text().splitlines()]

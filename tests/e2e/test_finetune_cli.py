@@ -100,7 +100,7 @@ def test_full_finetune_final_is_a_plain_transformers_model(tiny_recipe, tmp_path
 
 def test_generate_prints_the_models_greedy_continuation(tiny_recipe, tmp_path):
     from tuneforge.eval.generate import generate
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     finetune(tiny_recipe, tmp_path, "gen", "train.max_steps=2")
     prompt = "Context: Lily has a red ball. Question: What color is the ball? Answer:"

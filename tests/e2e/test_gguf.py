@@ -36,7 +36,7 @@ def gguf_run(tmp_path_factory, tiny_recipe):
 def test_a_new_gguf_file_trains_and_its_adapter_loads_in_plain_peft(gguf_run):
     from peft import PeftModel
 
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     root, source, proc = gguf_run
     assert "dequantizing tiny-stories.F32.gguf" in proc.stderr

@@ -67,7 +67,7 @@ def test_method_trains_saves_reloads_and_merges(tiny_recipe, tmp_path, method):
 
     from tuneforge.peft import check_mergeable
     from tuneforge.peft.bottleneck import load_bottleneck
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
     from tuneforge.run.merge import merge_run  # the CLI's `merge` runs in test_qlora_and_partial and below
 
     overrides, lr = METHODS[method]
@@ -124,7 +124,7 @@ def assert_merged_matches_unmerged(merged_dir, final, enc):
 def test_lora_plus_prompt_tuning_trains_saves_and_reloads_with_plain_peft(tiny_recipe, tmp_path):
     from peft import PeftModel
 
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     out = finetune(tiny_recipe, tmp_path, "combo", "train.optimizer.lr=0.03",
                    "peft=[{method: lora, lora_rank: 4, lora_alpha: 8}, {method: prompt_tuning, num_virtual_tokens: 8}]")

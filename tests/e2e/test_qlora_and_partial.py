@@ -12,7 +12,7 @@ from tests.e2e.test_peft_methods import assert_merged_matches_unmerged
 
 
 def test_qlora_trains_with_checkpointing_and_merges_into_full_precision(tiny_recipe, tmp_path):
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     out = run_cli("finetune", "-c", str(tiny_recipe), *tiny_overrides(
         tmp_path, "qlora", "data.train.limit=8", "data.seq_length=128", "train.max_steps=4",

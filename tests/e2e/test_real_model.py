@@ -56,7 +56,7 @@ def test_the_gguf_model_trains_as_the_pretrained_model_it_is(smollm2_run):
 @pytest.fixture(scope="module")
 def run_model(smollm2_run):
     """(model, tokenizer, config) as `tuneforge generate` loads them: fp32 weights, the adapter unmerged."""
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     return load_run_model(smollm2_run[0])
 

@@ -111,9 +111,10 @@ def test_adapter_reloads_in_plain_peft_and_merges(runs, tmp_path):
 
     from tuneforge.data import build_eval_batches, prepare_source
     from tuneforge.data.seq2seq import build_seq2seq_collator
-    from tuneforge.models import count_label_tokens, load_tokenizer
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.loss import count_label_tokens
     from tuneforge.models.loss import seq2seq_loss
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
     from tuneforge.run.merge import merge_run
 
     final = runs["lora"] / "final"
@@ -158,6 +159,6 @@ def test_collator_splits_prompt_to_encoder_and_labels_to_decoder():
     assert out["decoder_attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[8, IGNORE, 2], [3, IGNORE, IGNORE]]
     from tuneforge.data import count_input_tokens
-    from tuneforge.models import count_label_tokens
+    from tuneforge.models.loss import count_label_tokens
 
     assert count_label_tokens(out) == 3 and count_input_tokens(out) == 11

@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_model(run_dir):
-    from tuneforge.run.load import load_run_model
+    from tuneforge.run.model import load_run_model
 
     return load_run_model(run_dir)
 
@@ -157,7 +157,7 @@ def test_one_batch_gives_each_request_its_own_answer(run_model):
     """Requests batched together, with their own max_tokens and n, get exactly their one-at-a-time greedy answers
     (prompts of one length: left padding could move fp32 logits by a rounding)."""
     from tuneforge.eval.generate import Sampling
-    from tuneforge.models import resolve_precision
+    from tuneforge.models.load import resolve_precision
     from tuneforge.serve.engine import Job, TransformersEngine
 
     model, tokenizer, _ = run_model

@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 from tests.conftest import STORIES
 from tuneforge.config.schema import ModelConfig, PeftConfig
 from tuneforge.errors import UserError
-from tuneforge.models import load_model
+from tuneforge.models.load import load_model
 from tuneforge.peft import apply_peft, save_adapters
 from tuneforge.peft.fit import check_adapters_fit
 

@@ -154,7 +154,7 @@ def test_ranks_answer_alternate_batches_and_together_answer_like_one_process():
     from transformers import AutoModelForCausalLM
 
     from tuneforge.eval.evaluate import SquadTask
-    from tuneforge.models import resolve_precision
+    from tuneforge.models.load import resolve_precision
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     tok.pad_token = tok.unk_token

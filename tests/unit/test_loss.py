@@ -6,7 +6,8 @@ from tuneforge.checkpoint.state import TrainState
 from tuneforge.config.schema import PeftConfig
 from tuneforge.data import IGNORE
 from tuneforge.distributed import DistEnv, TrainModule
-from tuneforge.models import causal_lm_loss, resolve_precision
+from tuneforge.models.load import resolve_precision
+from tuneforge.models.loss import causal_lm_loss
 from tuneforge.peft import apply_peft
 from tuneforge.train.recipe import accumulate_gradients, train_step
 

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.data import DEFAULT_TEMPLATES, IGNORE, load_records, tokenize_records
 from tuneforge.data.loader import Collator, PackedCollator, build_eval_batches, pack_rows
-from tuneforge.models import causal_lm_loss, count_label_tokens, resolve_precision
+from tuneforge.models.load import resolve_precision
+from tuneforge.models.loss import causal_lm_loss, count_label_tokens
 from tuneforge.distributed import DistEnv, TrainModule
 from tuneforge.eval.validate import validate
 from tests.conftest import SQUAD_DEV, STORIES

@@ -110,7 +110,7 @@ def test_bottleneck_loader_rejects_a_foreign_config(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(method):
-    from tuneforge.models import causal_lm_loss
+    from tuneforge.models.loss import causal_lm_loss
     from tuneforge.peft import apply_finetuning
 
     batch = {**ids(), "labels": ids()["input_ids"]}
@@ -177,7 +177,8 @@ def test_bottleneck_adapters_sit_after_attention_and_mlp_of_other_architectures(
 
 
 def test_8bit_base_trains_lora():
-    from tuneforge.models import causal_lm_loss, load_model
+    from tuneforge.models.load import load_model
+    from tuneforge.models.loss import causal_lm_loss
     from tuneforge.peft import apply_finetuning
 
     cfg = config(model={"name_or_path": str(STORIES), "quantization": {"bits": 8}}, peft={"method": "lora"})

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +21,11 @@ from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
 from tuneforge.eval.squad import squad_scores
 from tuneforge.eval.validate import validate
-from tuneforge.files import write_atomic
-from tuneforge.models import resolve_precision
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
-from tuneforge.run.load import load_run_model
+from tuneforge.models.load import resolve_precision
+from tuneforge.run.model import load_run_model
+from tuneforge.run.scores import write_eval
 
 
 def squad_source(cfg: Config, dataset: str | None = None, limit: int | None = None) -> DataSource | None:
@@ -250,25 +248,3 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
                         "pass --dataset FILE or --harness TASKS")
     write_eval(Path(run_dir), results, predictions, base)
     return results
-
-
-def eval_dir(run_dir: Path, base: bool) -> Path:
-    return run_dir / "eval" / "base" if base else run_dir / "eval"
-
-
-def write_eval(run_dir: Path, results: dict, predictions: dict[str, str] | None, base: bool) -> None:
-    out = eval_dir(run_dir, base)
-    out.mkdir(parents=True, exist_ok=True)
-    if predictions is not None:
-        write_atomic(out / "squad_predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
-    # a second eval replaces the first one's scores: a crash mid-write keeps the old ones whole
-    write_atomic(out / "scores.json", json.dumps(_finite(results), indent=1) + "\n")
-
-
-def _finite(results: dict) -> dict:
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in results.items()}
-
-
-def read_scores(run_dir: Path, base: bool = False) -> dict | None:
-    path = eval_dir(run_dir, base) / "scores.json"
-    return json.loads(path.read_text()) if path.is_file() else None

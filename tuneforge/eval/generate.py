@@ -8,8 +8,8 @@ from transformers import StoppingCriteria
 
 from tuneforge.distributed import detect_env, inner_model
 from tuneforge.errors import UserError
-from tuneforge.models import resolve_precision
 from tuneforge.models.classify import is_classifier
+from tuneforge.models.load import resolve_precision
 from tuneforge.models.seq2seq import is_encoder_decoder
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError, first_line
-from tuneforge.eval.evaluate import eval_dir
 from tuneforge.files import write_atomic
 from tuneforge.peft.fit import check_adapters_fit
 from tuneforge.run.load import is_adapter, load_run
+from tuneforge.run.scores import eval_dir
 
 INSTALL = "pip install 'tuneforge[eval]'"
 

@@ -1,7 +1,4 @@
-"""Model loading, precision and the training loss."""
-from tuneforge.models.load import (count_parameters, load_model, load_model_skeleton, load_tokenizer, resolve_precision,
-                                   store_frozen_linears)
-from tuneforge.models.loss import causal_lm_loss, count_label_tokens
+"""Models: the kind, loading and precision, the training loss, classifier and seq2seq heads, GGUF sources, layers.
 
-__all__ = ["causal_lm_loss", "count_label_tokens", "count_parameters", "load_model", "load_model_skeleton",
-           "load_tokenizer", "resolve_precision", "store_frozen_linears"]
+Import from the submodules; this package imports nothing, so reading a model's kind (models.kind, the pre-flight) does
+not load torch."""

@@ -12,8 +12,8 @@ from pathlib import Path
 from tuneforge.config.peft_methods import PROMPT_LEARNING
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError, first_line
-from tuneforge.models import load_model_skeleton
 from tuneforge.models.classify import saved_model_config
+from tuneforge.models.load import load_model_skeleton
 from tuneforge.models.tensors import header_shapes, shape_mismatch
 from tuneforge.peft import saved_adapters
 from tuneforge.peft.bottleneck import CONFIG_NAME, WEIGHTS_NAME, apply_bottleneck, hidden_size_of

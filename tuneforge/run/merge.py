@@ -11,8 +11,8 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.files import atomic_dir
-from tuneforge.models import load_model, load_tokenizer
 from tuneforge.models.classify import save_head_code, saved_model_config
+from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.peft import check_mergeable, load_adapters
 from tuneforge.peft.fit import check_adapters_fit
 from tuneforge.run.load import load_run

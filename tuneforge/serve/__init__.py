@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from tuneforge.errors import UserError
-from tuneforge.models import resolve_precision
-from tuneforge.run.load import load_run, load_run_model
+from tuneforge.models.load import resolve_precision
+from tuneforge.run.load import load_run
+from tuneforge.run.model import load_run_model
 from tuneforge.serve.engine import TransformersEngine
 from tuneforge.serve.limits import Limits
 from tuneforge.serve.vllm import check_vllm, use_vllm, vllm_serve_command

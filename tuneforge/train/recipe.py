@@ -29,12 +29,12 @@ from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_o
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.validate import validate
-from tuneforge.models import (count_label_tokens, count_parameters, load_model, load_model_skeleton, load_tokenizer,
-                              resolve_precision, store_frozen_linears)
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.layers import decoder_layers
-from tuneforge.models.load import Precision
+from tuneforge.models.load import (Precision, count_parameters, load_model, load_model_skeleton, load_tokenizer,
+                                   resolve_precision, store_frozen_linears)
+from tuneforge.models.loss import count_label_tokens
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
