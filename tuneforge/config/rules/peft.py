@@ -9,8 +9,8 @@ import re
 from typing import Union
 
 from tuneforge.config.peft_methods import BY_NAME, FIELD_METHODS, PROMPT_LEARNING, WEIGHT_TUNERS
+from tuneforge.config.rules.common import fail
 from tuneforge.config.schema import Config, PeftConfig
-from tuneforge.errors import UserError
 
 
 def peft_parts(peft: Union[PeftConfig, list[PeftConfig], None]) -> list[PeftConfig]:
@@ -20,49 +20,45 @@ def peft_parts(peft: Union[PeftConfig, list[PeftConfig], None]) -> list[PeftConf
     return list(peft) if isinstance(peft, list) else [peft]
 
 
-def _fail(origin: str, message: str) -> None:
-    raise UserError(f"{origin}: {message}")
-
-
 def validate_peft_part(p: PeftConfig, where: str, origin: str) -> None:
     defaults = PeftConfig(method=p.method)
     for name, methods in FIELD_METHODS.items():
         if p.method not in methods and getattr(p, name) != getattr(defaults, name):
-            _fail(origin, f"{where}.{name}: applies to method {' / '.join(methods)}, not {p.method}; "
+            fail(origin, f"{where}.{name}: applies to method {' / '.join(methods)}, not {p.method}; "
                           f"remove it or leave it at its default ({getattr(defaults, name)!r})")
     positive = {"lora_rank": p.lora_rank, "num_virtual_tokens": p.num_virtual_tokens,
                 "encoder_hidden_size": p.encoder_hidden_size, "encoder_num_layers": p.encoder_num_layers,
                 "adapter_len": p.adapter_len, "bottleneck_size": p.bottleneck_size}
     for name, value in positive.items():
         if value < 1:
-            _fail(origin, f"{where}.{name}: must be >= 1, got {value}")
+            fail(origin, f"{where}.{name}: must be >= 1, got {value}")
     if p.adapter_layers is not None and p.adapter_layers < 1:
-        _fail(origin, f"{where}.adapter_layers: must be >= 1 or null, got {p.adapter_layers}")
+        fail(origin, f"{where}.adapter_layers: must be >= 1 or null, got {p.adapter_layers}")
     if not 0 <= p.lora_dropout < 1:
-        _fail(origin, f"{where}.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
+        fail(origin, f"{where}.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
     # only prompt_tuning gets here with a prompt_init_text: the field loop above refuses it for other methods
     if p.prompt_init_text is not None and not p.prompt_init_text.strip():
-        _fail(origin, f"{where}.prompt_init_text: must be non-empty text or null")
+        fail(origin, f"{where}.prompt_init_text: must be non-empty text or null")
 
 
 def validate_peft_list(parts: list[PeftConfig], origin: str) -> None:
     """Which adapters can train together: each kind at most once, and no two that rewrite the same layers."""
     methods = [p.method for p in parts]
     if not parts:
-        _fail(origin, "peft: an empty list; use null for full fine-tuning or list one or more adapters")
+        fail(origin, "peft: an empty list; use null for full fine-tuning or list one or more adapters")
     for i, m in enumerate(methods):
         if m in methods[:i]:
-            _fail(origin, f"peft[{i}].method: {m} is listed twice")
+            fail(origin, f"peft[{i}].method: {m} is listed twice")
     if len(parts) == 1:
         return
     for i, m in enumerate(methods):
         if BY_NAME[m].solo is not None:
-            _fail(origin, f"peft[{i}].method: {m} {BY_NAME[m].solo} and is trained on its own, not in a list")
+            fail(origin, f"peft[{i}].method: {m} {BY_NAME[m].solo} and is trained on its own, not in a list")
     for group, what in ((WEIGHT_TUNERS, f"weight adapters ({', '.join(WEIGHT_TUNERS)})"),
                         (PROMPT_LEARNING, "prompt methods")):
         chosen = [m for m in methods if m in group]
         if len(chosen) > 1:
-            _fail(origin, f"peft: at most one of the {what} per run, got {' + '.join(chosen)}")
+            fail(origin, f"peft: at most one of the {what} per run, got {' + '.join(chosen)}")
 
 
 def validate_peft_section(cfg: Config, origin: str) -> None:
@@ -82,13 +78,13 @@ def validate_quantization(cfg: Config, parts: list[PeftConfig], origin: str) -> 
     if q is None:
         return
     if not parts:
-        _fail(origin, "model.quantization: quantized weights cannot be trained; add an adapter (peft: {method: lora}) "
+        fail(origin, "model.quantization: quantized weights cannot be trained; add an adapter (peft: {method: lora}) "
                       "for QLoRA, or set model.quantization: null")
     if q.bits == 8:
         defaults = dataclasses.replace(q, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
         for name in ("quant_type", "double_quant", "compute_dtype"):
             if getattr(q, name) != getattr(defaults, name):
-                _fail(origin, f"model.quantization.{name}: applies to bits: 4 only")
+                fail(origin, f"model.quantization.{name}: applies to bits: 4 only")
 
 
 def validate_trainable(cfg: Config, parts: list[PeftConfig], origin: str) -> None:
@@ -96,18 +92,18 @@ def validate_trainable(cfg: Config, parts: list[PeftConfig], origin: str) -> Non
     if tr is None:
         return
     if parts:
-        _fail(origin, "train.trainable: partial fine-tuning is for peft: null; with an adapter, train extra "
+        fail(origin, "train.trainable: partial fine-tuning is for peft: null; with an adapter, train extra "
                       "modules through peft.modules_to_save")
     if tr.top_layers is not None and tr.top_layers < 0:
-        _fail(origin, f"train.trainable.top_layers: must be >= 0 or null, got {tr.top_layers}")
+        fail(origin, f"train.trainable.top_layers: must be >= 0 or null, got {tr.top_layers}")
     if not (tr.top_layers or tr.patterns or tr.lm_head or tr.embeddings or tr.head):
-        _fail(origin, "train.trainable: selects no parameters; set top_layers, patterns, lm_head, embeddings or head "
+        fail(origin, "train.trainable: selects no parameters; set top_layers, patterns, lm_head, embeddings or head "
                       "(or train.trainable: null to train every weight)")
     for i, pattern in enumerate(tr.patterns):
         try:
             re.compile(pattern)
         except re.error as e:
-            _fail(origin, f"train.trainable.patterns[{i}]: invalid regex {pattern!r} ({e})")
+            fail(origin, f"train.trainable.patterns[{i}]: invalid regex {pattern!r} ({e})")
 
 
 def method_label(peft) -> str:
