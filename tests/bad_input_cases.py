@@ -58,6 +58,9 @@ OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
 T5 = {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32,
                                    "vocab_size": 64})}  # an encoder-decoder: model.kind auto resolves to seq2seq
 T5_FT = [*FT, "model.name_or_path={tmp}/t5"]
+PAIR = '{"prompt": "Q: who? A:", "chosen": " Tom", "rejected": " Ann"}'
+PREF = [*FT, "data.train.path={repo}/assets/data/squad_pairs/train.jsonl", "data.train.format=preference",
+        "data.train.limit=16", "preference.loss_type=sigmoid", "data.seq_length=256"]
 
 
 CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}',
@@ -159,6 +162,25 @@ CASES = [
     Case("data", "fewer examples than one micro-batch", [*FT, "data.train.limit=3"],
          "3 examples, fewer than micro_batch_size (8)"),
     Case("data", "unknown data format", [*FT, "data.train.format=csv"], "data.train.format: expected one of"),
+    # ---- preference pairs ----
+    Case("preference", "pair without a rejected completion", [*PREF, "data.train.path={tmp}/norej.jsonl"],
+         "norej.jsonl:2: missing field 'rejected'", {"norej.jsonl": bad_jsonl([PAIR, '{"prompt": "Q:", "chosen": " a"}'])}),
+    Case("preference", "empty chosen completion", [*PREF, "data.train.path={tmp}/empty.jsonl"],
+         "empty.jsonl:1: field 'chosen' is empty",
+         {"empty.jsonl": bad_jsonl(['{"prompt": "Q:", "chosen": " ", "rejected": " b"}', PAIR])}),
+    Case("preference", "chosen identical to rejected", [*PREF, "data.train.path={tmp}/same.jsonl"],
+         "same.jsonl:3: chosen and rejected are the same",
+         {"same.jsonl": bad_jsonl([PAIR, PAIR, '{"prompt": "Q:", "chosen": " a", "rejected": " a"}'])}),
+    Case("preference", "a prompt that alone fills seq_length", [*PREF, "data.train.path={tmp}/long.jsonl"],
+         "long.jsonl:1: the prompt alone is",
+         {"long.jsonl": bad_jsonl(['{"prompt": "' + "once upon a time " * 60 + '", "chosen": " a", "rejected": " b"}'])}),
+    Case("preference", "preference data without a preference section", [*FT, "data.train.path={tmp}/p.jsonl",
+         "data.train.format=preference"], "data.train.format: preference data trains with a preference section",
+         {"p.jsonl": bad_jsonl([PAIR])}),
+    Case("preference", "label_smoothing with the hinge loss", [*PREF, "preference.loss_type=hinge",
+         "preference.label_smoothing=0.1"], "preference.label_smoothing: applies to loss_type sigmoid or robust"),
+    Case("preference", "adapter-off reference for full fine-tuning", [*PREF, "peft=null",
+         "preference.reference=adapter_off"], "preference.reference: adapter_off needs one adapter of lora, ia3"),
     # ---- runs and checkpoints ----
     Case("run", "finished run without --overwrite", [*FT, "run.name=done"],
          "already holds a run with nothing to resume; pass --overwrite", {"runs/done/final/x": "x"}),

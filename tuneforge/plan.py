@@ -20,7 +20,10 @@ Step time: model FLOPs of one optimizer step (2 per weight per token forward; 2 
 and 2 more where weights train; the LM head on labelled positions) divided by the matmul throughput measured on
 this machine's device in the recipe's precision, times the efficiency the training loop reaches on it
 (benchmarks/RESULTS.md). A causal LM that is not a plain decoder stack is planned all the same: the trace does not
-depend on the architecture. Encoder-decoder (seq2seq) models are not planned."""
+depend on the architecture. Encoder-decoder (seq2seq) models are not planned.
+A preference run's micro-batch of n pairs is 2n sequences (chosen and rejected); with the adapter switched off as
+the reference, each step also runs a forward without backward over them; precomputed reference log-probs cost one
+forward pass over the data before the first step, and no memory during training."""
 from __future__ import annotations
 
 import copy
@@ -32,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from tuneforge.config.rules.distributed import resolve_strategy
+from tuneforge.config.rules.preference import reference_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 from tuneforge.models.kind import resolve_kind
-from tuneforge.models.layers import decoder_layers
+from tuneforge.models.layers import decoder_layers, split_head
 from tuneforge.models.load import count_parameters, load_model_skeleton, resolve_precision, store_frozen_linears
-from tuneforge.models.loss import _split_head
 from tuneforge.peft import apply_finetuning
 
 GiB = 2**30
@@ -94,16 +97,18 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     accum = t.global_batch_size // (t.micro_batch_size * world_size)
     shards = world_size if strategy == "fsdp2" else 1
     checkpointing = cfg.distributed.activation_checkpointing
-    columns = {"this recipe": memory(cfg, facts, t.micro_batch_size, checkpointing, shards)}
-    other = memory(cfg, facts, t.micro_batch_size, not checkpointing, shards)
+    micro = t.micro_batch_size * sequences_per_example(cfg)
+    columns = {"this recipe": memory(cfg, facts, micro, checkpointing, shards)}
+    other = memory(cfg, facts, micro, not checkpointing, shards)
     columns["checkpointing " + ("off" if checkpointing else "on")] = other
     if world_size > 1 and strategy != "fsdp2":
-        columns[f"fsdp2 x{world_size}"] = memory(cfg, facts, t.micro_batch_size, checkpointing, world_size)
+        columns[f"fsdp2 x{world_size}"] = memory(cfg, facts, micro, checkpointing, world_size)
     available, where = available_memory(device)
     fits = columns["this recipe"].total <= 0.9 * available
     lines = [f"model {cfg.model.name_or_path}: {facts.params / 1e6:,.1f}M parameters, {facts.trainable / 1e6:,.2f}M "
              f"trainable; {precision.name} on {device}; {strategy} x{world_size}; micro batch "
-             f"{t.micro_batch_size} x {cfg.data.seq_length} tokens x accumulation {accum}",
+             f"{t.micro_batch_size} x {cfg.data.seq_length} tokens x accumulation {accum}"
+             + (preference_line(cfg, strategy) if cfg.preference is not None else ""),
              "", f"{'peak memory per process (GiB)':<32}" + "".join(f"{name:>18}" for name in columns)]
     for part in ("weights", "gradients", "optimizer", "activations", "loss", "runtime", "total"):
         label = {"loss": "loss (head + logits chunk)", "runtime": "runtime (torch, libraries)",
@@ -115,7 +120,7 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     lines.append(f"suggested micro batch: {best}" if best else
                  "suggested micro batch: none fits; see the advice above")
     seconds, flops = step_time(cfg, facts, precision.autocast, device, world_size, checkpointing)
-    tokens = t.global_batch_size * cfg.data.seq_length
+    tokens = t.global_batch_size * cfg.data.seq_length * sequences_per_example(cfg)
     lines.append(f"step time (estimate): {seconds:.2f} s per optimizer step of up to {tokens:,} tokens "
                  f"({flops / 1e12:.2f} TFLOP per process; ~{tokens / seconds / world_size:,.0f} tokens/s per process)")
     return "\n".join(lines)
@@ -153,7 +158,7 @@ def trace_model(cfg: Config, autocast, strategy: str) -> TracedModel:
 
 def _saved_bytes(model, seq_length: int, autocast, fake_mode_cls) -> float:
     """Bytes autograd saves in the backbone's forward of one sequence, each storage once, parameters excluded."""
-    split = _split_head(model)
+    split = split_head(model)
     mode = fake_mode_cls(allow_non_fake_inputs=True)
     with mode:
         _fake_parameters(model)
@@ -192,6 +197,18 @@ def _fake_parameters(model) -> None:
                 module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
 
 
+def sequences_per_example(cfg: Config) -> int:
+    """Sequences a micro-batch example is: 2 for a preference pair (chosen and rejected), else 1."""
+    return 2 if cfg.preference is not None else 1
+
+
+def preference_line(cfg: Config, strategy: str) -> str:
+    kind = reference_kind(cfg, strategy)
+    how = {"none": "no reference", "adapter_off": "reference = adapter off (one more forward per step)",
+           "precomputed": "reference log-probs precomputed (one forward pass over the pairs before step 1)"}[kind]
+    return f"\npreference {cfg.preference.loss_type}: micro batch counts pairs, 2 sequences each; {how}"
+
+
 def memory(cfg: Config, f: TracedModel, micro: int, checkpointing: bool, shards: int) -> Estimate:
     seq = cfg.data.seq_length
     adam = 8 if cfg.train.optimizer.name in ("adam", "adamw") else 0
@@ -217,8 +234,9 @@ def suggest_micro_batch(cfg: Config, f: TracedModel, checkpointing: bool, shards
     """The largest micro batch dividing the global batch whose estimate stays under 90% of the device."""
     best = None
     per_rank = cfg.train.global_batch_size
+    seqs = sequences_per_example(cfg)
     for micro in range(1, per_rank + 1):
-        if per_rank % micro == 0 and memory(cfg, f, micro, checkpointing, shards).total <= 0.9 * available:
+        if per_rank % micro == 0 and memory(cfg, f, micro * seqs, checkpointing, shards).total <= 0.9 * available:
             best = micro
     return best
 
@@ -253,10 +271,13 @@ def available_memory(device: str) -> tuple[float, str]:
 def step_time(cfg: Config, f: TracedModel, autocast, device: str, world_size: int, checkpointing: bool
               ) -> tuple[float, float]:
     t = cfg.train
-    tokens = t.global_batch_size * cfg.data.seq_length / world_size
+    tokens = t.global_batch_size * cfg.data.seq_length * sequences_per_example(cfg) / world_size
     labelled = tokens * (1.0 if cfg.data.train_on_inputs else LABELLED_SHARE)
     body = f.frozen_linear + f.trainable_linear
     per_token = 2 * body + 2 * body + 2 * f.trainable_linear + (2 * body if checkpointing else 0)
+    if cfg.preference is not None and reference_kind(cfg, resolve_strategy(cfg.distributed, world_size)) == \
+            "adapter_off":
+        per_token += 2 * f.frozen_linear  # the reference's forward: the base weights, no backward
     flops = tokens * per_token + labelled * 4 * f.hidden * f.vocab
     return flops / (matmul_throughput(device, autocast, f.hidden) * LOOP_EFFICIENCY), flops
 

@@ -24,6 +24,12 @@ PLOTS = [
     ("Throughput", "tokens / s", [("tokens_per_s", "tokens/s")]),
     ("SQuAD", "%", [("squad_em", "exact match"), ("squad_f1", "F1")]),
     ("Classification", "score", [("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1")]),
+    ("Preference accuracy", "share of pairs", [("rewards/accuracies", "train rewards/accuracies"),
+                                               ("val_rewards/accuracies", "held-out rewards/accuracies")]),
+    ("Preference rewards", "reward", [("rewards/chosen", "train rewards/chosen"),
+                                      ("rewards/rejected", "train rewards/rejected"),
+                                      ("rewards/margins", "train rewards/margins"),
+                                      ("val_rewards/margins", "held-out rewards/margins")]),
 ]
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -90,7 +96,8 @@ def final_scores(run_dir: Path, rows: list[dict]) -> list[tuple[str, dict]]:
     """(where, scores) rows: the last logged training and validation values, then `tuneforge eval` results."""
     table = []
     last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1", "val_accuracy",
-                                    "val_macro_f1")}
+                                    "val_macro_f1", "rewards/accuracies", "rewards/margins", "val_rewards/accuracies",
+                                    "val_rewards/margins")}
     for row in rows:
         last.update({k: v for k, v in row.items() if k in last or k.startswith("val_loss/")})
     last = {("perplexity" if k == "val_perplexity" else k): v for k, v in last.items() if v is not None}

@@ -214,3 +214,5 @@ SOLO = names(METHODS, lambda m: m.solo is not None)
 SEQ2SEQ = names(METHODS, lambda m: m.seq2seq)
 CLASSIFIER = names(METHODS, lambda m: m.classifier)
 FSDP2 = names(METHODS, lambda m: m.fsdp2)
+# a peft tuner rewrites layers that peft's disable_adapter() switches back to the base: the preference reference
+REFERENCE_OFF = names(METHODS, lambda m: m.weight_tuner)

@@ -112,9 +112,10 @@ class PeftConfig:
 class DataSource:
     path: str = doc(
         "data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
-    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification"] = doc(
+    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification", "preference"] = doc(
         "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text, "
-        "classification (a text and a label per row; model.kind: sequence_classification)", "squad")
+        "classification (a text and a label per row; model.kind: sequence_classification), preference (prompt, "
+        "chosen and rejected per row, as strings or chat messages; needs the preference section)", "squad")
     limit: Optional[int] = doc("use only the first N examples", None)
     name: Optional[str] = doc("name in reports and in metrics (val_loss/<name>); default: the file name", None)
     weight: float = doc("sampling weight among several training sources (share of the drawn examples)", 1.0)
@@ -286,6 +287,34 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = doc(
+        "preference loss: sigmoid (DPO), ipo, hinge, robust (DPO with label_smoothing as the rate of flipped "
+        "labels), simpo (reference-free, length-normalised, target margin simpo_gamma), orpo (reference-free: SFT on "
+        "chosen + beta x odds-ratio term)", "sigmoid")
+    beta: float = doc("beta: the strength of the implicit KL penalty (sigmoid/ipo/hinge/robust), the reward scale "
+                      "(simpo, often 2-10), the odds-ratio weight lambda (orpo)", 0.1)
+    label_smoothing: float = doc(
+        "sigmoid (conservative DPO) and robust: the assumed probability that a pair's preference is flipped, in "
+        "[0, 0.5)", 0.0)
+    rpo_alpha: Optional[float] = doc(
+        "add rpo_alpha x the SFT loss on the chosen completion (RPO), per chosen token of the step; null = off",
+        None)
+    simpo_gamma: float = doc("simpo: the target reward margin gamma", 0.5)
+    max_prompt_length: Optional[int] = doc(
+        "keep at most this many prompt tokens (cut by truncation_mode); null = only what seq_length needs", None)
+    truncation_mode: Literal["keep_end", "keep_start"] = doc(
+        "how an over-long prompt is cut: keep_end keeps its end (and a leading bos), keep_start its start; the "
+        "completions are cut (their end) only when they alone overflow seq_length", "keep_end")
+    reference: Literal["auto", "adapter_off", "precomputed"] = doc(
+        "the reference model (sigmoid/ipo/hinge/robust): adapter_off = the same weights with the adapter switched "
+        "off (LoRA/IA3, no second copy); precomputed = log-probs of the starting model, computed in one eval-mode "
+        "pass before training and stored with the run (reference_logps.safetensors); auto = adapter_off for a "
+        "LoRA/IA3 run started from the base model, precomputed otherwise (full fine-tuning, fsdp2, model.init_from)",
+        "auto")
+
+
+@dataclass
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
@@ -299,3 +328,6 @@ class Config:
     distributed: DistributedConfig = doc("data-parallel training under torchrun (DDP / FSDP2 / HSDP)",
                                          factory=DistributedConfig)
     eval: EvalConfig = doc("task evaluation by generation, during training and by `tuneforge eval`", factory=EvalConfig)
+    preference: Optional[PreferenceConfig] = doc(
+        "preference tuning on chosen/rejected pairs (DPO and its family; data format preference); null = "
+        "supervised fine-tuning", None)

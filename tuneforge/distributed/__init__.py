@@ -199,6 +199,15 @@ def all_reduce_sum(value: float | int, env: DistEnv) -> float:
     return t.item()
 
 
+def all_reduce_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum over ranks of a CPU tensor (a new tensor; the input on one process)."""
+    if not env.initialized or env.world_size == 1:
+        return t
+    out = t.to(env.device, copy=True)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def inner_model(module: nn.Module) -> nn.Module:
     """The user's model inside the DDP / FSDP / TrainModule wrappers."""
     module = unwrap_ddp(module)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tuneforge.data.pairs import is_pair_batch
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.classify import is_classifier
-from tuneforge.models.layers import transformers_model
+from tuneforge.models.layers import split_head
+from tuneforge.models.preference import sequence_logps
 from tuneforge.models.seq2seq import is_seq2seq_batch
 
 _SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
-_UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
 
 
 def training_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = False, chunk_tokens: int = 1024,
@@ -31,6 +32,8 @@ def training_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = Fa
     counted rows' logits and label ids."""
     if is_seq2seq_batch(batch):
         return seq2seq_loss(model, batch)
+    if is_pair_batch(batch):  # preference pairs: per-sequence log-probs, for the preference loss of the step
+        return sequence_logps(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)
     if is_classifier(model):  # one label per sequence
         return classification_loss(model, batch, with_logits)
     return causal_lm_loss(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)
@@ -41,21 +44,6 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     if is_seq2seq_batch(batch):  # decoder labels line up with the decoder inputs: every one is a target
         return int((batch["labels"] != IGNORE).sum())
     return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def _split_head(model):
-    """(backbone, head) of a causal LM when its logits are a plain linear map of the last hidden state."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return None  # virtual tokens are prepended by PeftModel.forward itself
-    inner = transformers_model(model)
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if backbone is None or head is None or backbone is inner:
-        return None
-    if any(getattr(inner.config, k, None) not in (None, 1, 1.0) for k in _UNUSUAL_HEAD):
-        return None
-    return backbone, head
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -106,7 +94,7 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = F
     """Sum (not mean) of next-token losses over labelled positions; the caller divides by the step's tokens."""
     labels = batch["labels"][:, 1:]  # (rows, seq - 1): position t predicts token t + 1
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    split = None if full_forward else _split_head(model)
+    split = None if full_forward else split_head(model)
     if split is None:
         logits = model(**inputs, use_cache=False).logits
         # prompt_tuning / p_tuning return logits for their virtual tokens too: (batch, virtual + seq, vocab)

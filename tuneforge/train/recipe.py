@@ -1,7 +1,9 @@
-"""The supervised fine-tuning recipe: setup -> train_step -> train -> finish. Reads top to bottom.
+"""The fine-tuning recipe: setup -> train_step -> train -> finish. Reads top to bottom.
 
 Loss of an optimizer step = (sum of token losses over all its micro-batches and ranks) / (label tokens in that
-whole step), so micro-batch b x accumulation k x ranks r gives the gradient of one batch of k*b*r exactly."""
+whole step), so micro-batch b x accumulation k x ranks r gives the gradient of one batch of k*b*r exactly.
+A preference run (the recipe's preference section) takes the same path with pairs: its step's loss is divided by
+the pairs of the whole step (train/preference.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -20,8 +22,10 @@ from tuneforge.checkpoint import check_checkpoint_fits, load_checkpoint, save_ch
 from tuneforge.checkpoint.init_from import apply_init_from
 from tuneforge.checkpoint.state import TrainState
 from tuneforge.config import Config, to_dict
+from tuneforge.config.rules.preference import reference_kind
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
+from tuneforge.data.pairs import build_pair_collator, pair_eval_batches, pair_summary_lines, prepare_pairs
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.summary import data_summary_lines
 from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
@@ -42,6 +46,8 @@ from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.final import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.preference import (REFERENCE_FILE, PreferenceStep, accumulate_preference, compute_reference,
+                                        load_reference, pairs_fingerprint, save_reference, validate_pairs)
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
@@ -66,6 +72,13 @@ class Training:
     started: float                 # perf_counter at the start of the run
     start_step: int = 0            # the step a resumed run continues after
     params: list = field(default_factory=list)  # the trainable parameters (gradient clipping)
+    preference: PreferenceStep | None = None  # a preference run's reference and loss settings; None for SFT
+
+    def validate(self) -> dict:
+        """The held-out metrics: validation loss (SFT), or the preference loss and rewards of held-out pairs."""
+        if self.preference is not None:
+            return validate_pairs(self.state.module, self.val_batches, self.precision, self.env, self.preference)
+        return validate(self.state.module, self.val_batches, self.precision, self.env)
 
     def info(self, message: str) -> None:
         if self.sink:
@@ -116,7 +129,10 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
                         "emulated and training is slower than in fp32; model.dtype=auto picks fp32 here")
 
     tokenizer = load_tokenizer(cfg.model)
-    train_data, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
+    if cfg.preference is not None:
+        train_data, vals = prepare_pairs(cfg.data, cfg.preference, tokenizer)
+    else:
+        train_data, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
     if cfg.data.batching == "packing":
         check_packing_backend(cfg.model.attn_implementation, env.device)
     model_config = None
@@ -141,17 +157,27 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
-    collate = build_seq2seq_collator(model.config, tokenizer, cfg.data.batching, cfg.data.seq_length)  # None: causal LM
+    pairs, row_tokens = cfg.preference is not None, cfg.data.seq_length
+    if pairs:  # a packed row holds both sequences of its pairs: room for two of seq_length
+        collate = build_pair_collator(cfg.data.batching, tokenizer.pad_token_id, cfg.data.seq_length)
+        row_tokens = 2 * cfg.data.seq_length if cfg.data.batching == "packing" else row_tokens
+    else:
+        collate = build_seq2seq_collator(model.config, tokenizer, cfg.data.batching, cfg.data.seq_length)  # or None
     loader = build_train_loader(train_data.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
-                                env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
+                                env.rank, env.world_size, cfg.data.batching, row_tokens,
                                 sizes=train_data.bounds_sizes, weights=train_data.weights, shuffle=cfg.data.shuffle,
                                 num_workers=cfg.data.num_workers, collate_fn=collate)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
-    val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
-                                            env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
-                                            collate_fn=collate)
-                   for name, val in vals.items()}
+    if pairs:
+        val_batches = {name: pair_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id, env.rank,
+                                               env.world_size, cfg.data.batching, cfg.data.seq_length)
+                       for name, val in vals.items()}
+    else:
+        val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
+                                                env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
+                                                collate_fn=collate)
+                       for name, val in vals.items()}
     optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
     state = TrainState(module, optimizer, build_scheduler(optimizer, t.lr_scheduler, total_steps), loader)
     if resume_from is not None:
@@ -172,20 +198,54 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
         info(line)
     if plan.changed:
         info(f"resuming with changed settings (they do not change what a step computes): {'; '.join(plan.changed)}")
-    for line in data_summary_lines(train_data, vals, loader.batch_sampler, cfg.data):
+    summary = (pair_summary_lines(train_data, vals, cfg.data.seq_length, cfg.data.batching) if pairs
+               else data_summary_lines(train_data, vals, loader.batch_sampler, cfg.data))
+    for line in summary:
         info(line)
     info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {state.step} from {resume_from}" if resume_from else ""))
 
+    if pairs:
+        training.preference = setup_reference(training, train_data, vals)
     training.squad = build_training_squad(cfg, tokenizer, model, precision, env)  # the ranks share the questions
     if state.step == 0:
-        baseline = validate(module, val_batches, precision, env) if val_batches else {}  # what the run improves on
+        baseline = training.validate() if val_batches else {}  # what the run improves on
         baseline.update(training.squad.at(0, total_steps, module) if training.squad else {})
         if baseline and training.sink:
             training.sink.log(0, baseline)
     training.params = [p for p in module.parameters() if p.requires_grad]  # after the baseline: FSDP2 resharded
     return training
+
+
+def setup_reference(training: Training, train_data, vals: dict) -> PreferenceStep:
+    """The preference step with its reference: adapter_off needs nothing more; precomputed log-probs are read from
+    the run directory, or computed now with the starting weights (before any step) and stored there."""
+    cfg, env = training.cfg, training.env
+    kind = reference_kind(cfg, training.strategy)
+    tables = None
+    if kind == "precomputed":
+        sets = {"train": train_data.examples, **{f"val/{name}": val.examples for name, val in vals.items()}}
+        fingerprint = pairs_fingerprint(sets)
+        tables = load_reference(training.run_dir, fingerprint)
+        if tables is None:
+            if training.state.step > 0:
+                raise UserError(f"{training.run_dir / REFERENCE_FILE}: missing, and this run has trained past its "
+                                "starting weights: the reference cannot be computed again; start again with "
+                                "--overwrite")
+            started = time.perf_counter()
+            tables = compute_reference(training.state.module, sets, cfg.train.micro_batch_size,
+                                       training.tokenizer.pad_token_id, cfg.data.seq_length, training.precision, env)
+            if env.is_main:
+                save_reference(training.run_dir, tables, fingerprint)
+            barrier(env)
+            training.info(f"reference: log-probs of the starting model for {sum(len(v) for v in sets.values())} "
+                          f"pairs in {time.perf_counter() - started:.1f}s, stored in {REFERENCE_FILE}")
+        else:
+            training.info(f"reference: precomputed log-probs read from {REFERENCE_FILE}")
+    else:
+        training.info(f"reference: {'none (' + cfg.preference.loss_type + ')' if kind == 'none' else kind}")
+    return PreferenceStep(cfg.preference, kind, tables)
 
 
 def plan_run_dir_on_main(cfg: Config, overwrite: bool, env: DistEnv) -> RunDirPlan:
@@ -210,10 +270,11 @@ def seed_everything(seed: int) -> None:
 # ---- train_step ----------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
-    loss: float          # the step's mean loss per label token, over all ranks
+    loss: float          # the step's mean loss per label token (preference: per pair), over all ranks
     grad_norm: float     # before clipping
-    label_tokens: int    # over all micro-batches and ranks: what the loss was divided by
+    label_tokens: int    # over all micro-batches and ranks: what the loss was divided by (preference: pairs)
     healthy: bool        # loss and gradient finite: the optimizer stepped
+    metrics: dict = field(default_factory=dict)  # preference: rewards/*, logps/* of the step
 
 
 def accumulate_gradients(module, micro_batches: list[dict], precision: Precision, env: DistEnv) -> tuple[float, int]:
@@ -235,10 +296,14 @@ def accumulate_gradients(module, micro_batches: list[dict], precision: Precision
 
 
 def train_step(state: TrainState, micro_batches: list[dict], precision: Precision, env: DistEnv, params: list,
-               grad_clip: float | None) -> StepResult:
+               grad_clip: float | None, preference: PreferenceStep | None = None) -> StepResult:
     """One optimizer step. A step whose loss or gradient is not finite changes no weight (the NaN guard): every
     checkpoint then holds finite weights; the schedule still advances, so a skipped step is a step."""
-    loss, tokens = accumulate_gradients(state.module, micro_batches, precision, env)
+    metrics = {}
+    if preference is None:
+        loss, tokens = accumulate_gradients(state.module, micro_batches, precision, env)
+    else:
+        loss, tokens, metrics = accumulate_preference(state.module, micro_batches, precision, env, preference)
     grad_norm = float(clip_grad_norm(params, grad_clip))
     healthy = math.isfinite(loss) and math.isfinite(grad_norm)
     if healthy:
@@ -246,7 +311,7 @@ def train_step(state: TrainState, micro_batches: list[dict], precision: Precisio
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return StepResult(loss, grad_norm, tokens, healthy)
+    return StepResult(loss, grad_norm, tokens, healthy, metrics)
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
@@ -265,7 +330,8 @@ def train(training: Training) -> int:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(training.accum)]
             lr = state.scheduler.get_last_lr()[0]
-            result = train_step(state, micro_batches, training.precision, env, training.params, t.grad_clip)
+            result = train_step(state, micro_batches, training.precision, env, training.params, t.grad_clip,
+                                training.preference)
             step = state.step
             if result.healthy:
                 bad_steps = 0
@@ -288,11 +354,12 @@ def train(training: Training) -> int:
                 real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
                 metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                            "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-                           "label_tokens": result.label_tokens,
+                           ("pairs" if training.preference else "label_tokens"): result.label_tokens,
+                           **result.metrics,
                            "epoch": step / training.per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
                            **({"skipped_steps": skipped} if skipped else {})}
             if training.val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
-                metrics.update(validate(state.module, training.val_batches, training.precision, env))
+                metrics.update(training.validate())
             if training.squad is not None:
                 metrics.update(training.squad.at(step, total_steps, state.module))
             if metrics and training.sink:
@@ -365,12 +432,15 @@ def summarize(metrics_path: Path, seconds: float) -> str:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r["loss"] for r in rows if "loss" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
+    accuracy = [r["val_rewards/accuracies"] for r in rows if "val_rewards/accuracies" in r]
     parts = [f"{len(train)} logged steps in {seconds:.0f}s"]
     if train:
         head, tail = train[: max(1, len(train) // 10)], train[-max(1, len(train) // 10):]
         parts.append(f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} (first/last 10%)")
     if val:
         parts.append(f"val loss {val[0]:.3f} -> {val[-1]:.3f}")
+    if accuracy:
+        parts.append(f"held-out preference accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
     squad = [(r["step"], r["squad_em"], r["squad_f1"]) for r in rows if "squad_f1" in r]
     if squad:  # a score at step 0 is the base model's
         (s0, em0, f0), (s1, em1, f1) = squad[0], squad[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tuneforge.config.peft_methods import BY_NAME
 from tuneforge.config.rules.common import check, fail
 from tuneforge.config.rules.peft import peft_parts
+from tuneforge.config.rules.preference import reference_kind
 from tuneforge.config.schema import Config, DistributedConfig
 
 
@@ -30,6 +31,7 @@ def check_strategy_fits(cfg: Config, strategy: str, origin: str | None = None) -
                      "bottleneck adapters")
     if cfg.model.quantization is not None and strategy != "single":
         fail(origin, "model.quantization: QLoRA runs in one process; use distributed.strategy=single")
+    reference_kind(cfg, strategy, origin)  # preference.reference: adapter_off refuses fsdp2
 
 
 def check_dp_replicate(dp_replicate: int, world_size: int, origin: str | None = None) -> None:

@@ -1,0 +1,128 @@
+"""Preference tuning through the real command line: TRL's metric names in every sink, the precomputed reference
+stored with the run and restored after SIGTERM and SIGKILL (bit-identical end), the NaN guard, `tuneforge plan`."""
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, read_metrics, run_cli, tiny_overrides
+from tests.e2e.test_reliability import wait_for
+from tuneforge.config import load_config
+
+PAIRS = REPO / "assets/data/squad_pairs/train.jsonl"
+DEV_PAIRS = REPO / "assets/data/squad_pairs/dev.jsonl"
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+TIMING = {"tokens_per_s", "step_seconds", "peak_rss_mb"}
+
+
+def dpo_overrides(tmp_path, name, *extra):
+    """stories260K on 32 shipped SQuAD pairs, the prompt's end (question and 'Answer:') in 96 tokens."""
+    return tiny_overrides(tmp_path, name, f"data.train.path={PAIRS}", "data.train.format=preference",
+                          "data.train.limit=32", "data.seq_length=128", "preference.loss_type=sigmoid",
+                          "preference.max_prompt_length=96", "train.micro_batch_size=4", "train.global_batch_size=4",
+                          "train.lr_scheduler.name=constant", "train.optimizer.lr=0.01", *extra)
+
+
+def validation(limit=6):
+    return [f"data.validation.path={DEV_PAIRS}", "data.validation.format=preference", f"data.validation.limit={limit}"]
+
+
+def test_lora_dpo_logs_trl_metrics_everywhere_from_ln2(tiny_recipe, tmp_path):
+    out = run_cli("finetune", "-c", str(tiny_recipe),
+                  *dpo_overrides(tmp_path, "dpo", "logging.tensorboard=true", "train.val_every_steps=4", "train.max_steps=8",
+                                 "data.train.limit=8", "train.optimizer.lr=0.003", *validation()))
+    assert "reference: adapter_off" in out.stdout
+    rows = read_metrics(tmp_path / "dpo")
+    steps = [r for r in rows if "loss" in r]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-6  # the policy starts at the reference: lora_B = 0
+    assert all(set(TRL_METRICS) <= set(r) and r["pairs"] == 4 for r in steps)
+    assert (steps[-1]["loss"] + steps[-2]["loss"]) / 2 < math.log(2)  # 8 pairs, each seen four times
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 4, 8] and abs(val[0]["val_loss"] - math.log(2)) < 1e-6
+    assert all(f"val_{k}" in r for r in val for k in TRL_METRICS)
+    assert "held-out preference accuracy" in out.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "dpo/tb")).Reload().Tags()["scalars"]
+    assert {"train/rewards/accuracies", "val/val_rewards/margins"} <= set(tags) or \
+        {"rewards/accuracies", "val_rewards/margins"} <= set(tags), tags
+    assert "rewards/accuracies" in (tmp_path / "dpo/report.html").read_text()
+    assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
+    assert not (tmp_path / "dpo/reference_logps.safetensors").exists()  # the adapter off is the reference
+
+
+def test_full_dpo_reference_is_stored_and_survives_sigterm_and_sigkill(tiny_recipe, tmp_path):
+    """Full fine-tuning precomputes the reference; a run stopped by SIGTERM, then killed twice, finishes with the
+    weights and metrics of an uninterrupted run."""
+    steps = ["peft=null", "train.optimizer.lr=0.0005", "train.max_steps=10", "checkpoint.every_steps=1",
+             "checkpoint.keep_last=2", "train.val_every_steps=5", *validation(4)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "tuneforge", "finetune", "-c", str(tiny_recipe)]
+    whole = subprocess.Popen([*command, *dpo_overrides(tmp_path, "whole", *steps)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = [*command, *dpo_overrides(tmp_path, "parts", *steps)]
+    rng = random.Random(1)
+    proc = subprocess.Popen(parts, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for("training", proc, tmp_path / "parts", rng)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM: checkpointing at step" in out, err
+    assert "reference: log-probs of the starting model for 36 pairs" in out
+    stored = load_file(tmp_path / "parts/reference_logps.safetensors")
+    assert stored["train"].shape == (32, 2) and stored["val/dev"].shape == (4, 2)
+    for moment in ("write", "training"):
+        proc = subprocess.Popen(parts, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(moment, proc, tmp_path / "parts", rng)
+        assert proc.poll() is None, f"the run ended before the '{moment}' kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    w_out, w_err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, w_err
+    out = run_cli(*parts[3:])
+    assert "reference: precomputed log-probs read from reference_logps.safetensors" in out.stdout
+    a, b = (load_file(tmp_path / f"{name}/final/model.safetensors") for name in ("whole", "parts"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "parts")) == strip(read_metrics(tmp_path / "whole"))
+    assert torch.equal(stored["train"], load_file(tmp_path / "whole/reference_logps.safetensors")["train"])
+
+
+def test_non_finite_preference_step_is_skipped(tiny_recipe, tmp_path, monkeypatch):
+    import tuneforge.models.loss as loss_mod
+    from tuneforge.train import finetune
+
+    real, calls = loss_mod.sequence_logps, {"n": 0}
+
+    def logps(model, batch, **kwargs):  # simpo has no reference: one call per step
+        calls["n"] += 1
+        sums, counts = real(model, batch, **kwargs)
+        return (sums * float("nan") if calls["n"] == 3 else sums), counts
+    monkeypatch.setattr(loss_mod, "sequence_logps", logps)
+    finetune(load_config(tiny_recipe, dpo_overrides(tmp_path, "nan", "preference.loss_type=simpo",
+                                                    "preference.beta=2.0", "train.max_steps=4")))
+    rows = read_metrics(tmp_path / "nan")
+    assert rows[2]["step"] == 3 and rows[2]["loss"] == "nan" and rows[2]["skipped_steps"] == 1
+    assert all(math.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+
+
+def test_plan_sizes_a_preference_run(tiny_recipe, tmp_path):
+    out = run_cli("plan", "-c", str(tiny_recipe), *dpo_overrides(tmp_path, "plan"))
+    assert "preference" in out.stdout and "pairs" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "orpo"])
+def test_every_loss_type_trains(tiny_recipe, tmp_path, loss_type):
+    extra = ["preference.label_smoothing=0.1"] if loss_type == "robust" else []
+    run_cli("finetune", "-c", str(tiny_recipe), *dpo_overrides(tmp_path, loss_type, f"preference.loss_type={loss_type}",
+                                                               "train.max_steps=2", *extra))
+    rows = read_metrics(tmp_path / loss_type)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    if loss_type == "orpo":
+        assert rows[0]["nll_loss"] > 0
