@@ -7,11 +7,12 @@ A row is one of three shapes (any file kind the SFT data takes):
   implicit prompt {"chosen": [whole conversation], "rejected": [whole conversation]}: the messages both share from
                   the start are the prompt, the rest are the completions
 
-The prompt is tokenized once and each completion after it. A completion is the tokens of prompt + completion after
-the prompt's own tokens, so both sides share the prompt token for token; where the joint text tokenizes the prompt
-differently (a BPE merge across the boundary), the completion is tokenized alone after the prompt's tokens, and the
-log counts it. A doubled bos (a template that writes one, a tokenizer that adds another) loses one. Plain-text
-completions end with eos; chat completions end with the template's end-of-turn marker.
+The prompt is tokenized once and each side as prompt + completion; a completion is the joint text's tokens after the
+prompt's, so both sides share the prompt token for token. Where the joint text tokenizes the prompt's end
+differently (a BPE merge across the boundary), the prompt keeps the tokens both joint texts agree on and the merged
+token goes to the completions (as TRL does), and the log counts it. A doubled bos (a template that writes one, a
+tokenizer that adds another) loses one. Plain-text completions end with eos; chat completions end with the
+template's end-of-turn marker.
 
 Batches hold both sides of every pair in one forward: unpacked, rows 0..n-1 are the chosen sequences of the n pairs
 and rows n..2n-1 the rejected ones; packed, several pairs share a row (each sequence its own block of restarted
@@ -174,6 +175,15 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _cut_prompt(ids: list[int], keep: int, mode: str, bos: int | None) -> list[int]:
     if len(ids) <= keep:
         return ids
@@ -195,27 +205,23 @@ def tokenize_pairs(texts: list[_Texts], tokenizer, seq_length: int, pref: Prefer
         if not group:
             continue
         prompts = _encode(tokenizer, [t.prompt for t in group], special=not chat)
-        alone = {side: _encode(tokenizer, [getattr(t, side) for t in group], special=False)
-                 for side in ("chosen", "rejected")}
         joint = {side: _encode(tokenizer, [t.prompt + getattr(t, side) for t in group], special=not chat)
                  for side in ("chosen", "rejected")}
         for k, t in enumerate(group):
-            prompt = prompts[k]
-            sides = {}
-            for side in ("chosen", "rejected"):
-                whole = joint[side][k]
-                if whole[:len(prompt)] == prompt and len(whole) > len(prompt):
-                    ids = whole[len(prompt):]
-                else:
-                    notes["tokenized across the prompt/completion boundary (completion tokenized alone)"] += 1
-                    ids = alone[side][k]
-                if not chat and eos is not None and ids[-1:] != [eos]:
-                    ids = ids + [eos]
-                sides[side] = ids
+            prompt, chosen, rejected = prompts[k], joint["chosen"][k], joint["rejected"][k]
+            # the prompt's tokens as the whole texts have them: a BPE merge across the boundary moves the merged
+            # token into both completions, so they still share one prompt
+            shared = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+            if shared < len(prompt):
+                notes["prompts whose last tokens merge into the completion (moved to the completion)"] += 1
+                prompt = prompt[:shared]
+            chosen, rejected = chosen[shared:], rejected[shared:]
+            if not chat and eos is not None:
+                chosen, rejected = (ids if ids[-1:] == [eos] else ids + [eos] for ids in (chosen, rejected))
             if bos is not None and len(prompt) >= 2 and prompt[0] == prompt[1] == bos:
                 prompt = prompt[1:]
                 notes["doubled bos removed"] += 1
-            pairs.append((t.where, prompt, sides["chosen"], sides["rejected"]))
+            pairs.append((t.where, prompt, chosen, rejected))
     order = {t.where: i for i, t in enumerate(texts)}
     pairs.sort(key=lambda p: order[p[0]])
     return [_fit(where, prompt, chosen, rejected, seq_length, pref, bos, notes)
