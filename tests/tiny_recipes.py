@@ -19,6 +19,7 @@ SAMPLES = {  # format -> (training sample, validation sample)
     "alpaca": (REPO / "assets/data/alpaca/sample.json",) * 2,
     "dolly": (REPO / "assets/data/dolly/sample.jsonl",) * 2,
     "input_output": (REPO / "assets/data/squad_io/train.jsonl", REPO / "assets/data/squad_io/validation.jsonl"),
+    "preference": (REPO / "assets/data/squad_pairs/train.jsonl", REPO / "assets/data/squad_pairs/dev.jsonl"),
 }
 
 
@@ -54,6 +55,8 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
         # the tiny stand-in's tokenizer has no chat template; the recipe's own model is trained with it in
         # tests/e2e/test_real_model.py, and chat prompts are tested in tests/e2e/test_chat_prompts.py
         out += ["data.prompt_style=plain", "data.system_prompt=null"]
+    if cfg.preference is not None:  # the SQuAD pairs' contexts are longer than 256 tokens of the tiny tokenizer
+        out.append("preference.max_prompt_length=128")
     if cfg.data.val_split is not None:
         out.append(f"data.val_split={2 if cfg.data.val_split >= 1 else cfg.data.val_split}")
     if cfg.eval.squad is not None:

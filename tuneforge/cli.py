@@ -278,6 +278,8 @@ def cmd_generate(args) -> int:
     source = (as_sources(cfg.data.validation) or as_sources(cfg.data.train))[0]
     if source.format == "chat":
         raise UserError("generate --examples: chat sources are not supported; pass --prompt")
+    if source.format == "preference":
+        return _generate_pair_examples(args, model, tokenizer, cfg, source, precision)
     records = load_records(source.path, source.format, args.examples, columns=source.columns,
                            unanswerable=source.unanswerable, split=source.split)
     template = template_for(cfg.data, source)
@@ -293,6 +295,31 @@ def cmd_generate(args) -> int:
             continue
         question = record.fields.get("question") or record.fields.get("input", "")
         print(f"Q: {question.strip()}\n   reference: {' | '.join(record.references[:3])}\n   tuneforge: {out}")
+    return 0
+
+
+def _generate_pair_examples(args, model, tokenizer, cfg, source, precision) -> int:
+    """A preference run's held-out prompts, asked as it trained on them, beside their chosen and rejected answers."""
+    import dataclasses
+
+    from tuneforge.data.pairs import read_pair_texts
+    from tuneforge.eval.generate import generate
+
+    texts = read_pair_texts(dataclasses.replace(source, limit=args.examples), cfg.data, tokenizer)
+    outputs = {}
+    for chat in (False, True):  # rendered chat prompts carry their own special tokens
+        group = [i for i, t in enumerate(texts) if t.chat == chat]
+        answers = generate(model, tokenizer, [texts[i].prompt for i in group], args.max_new_tokens,
+                           precision=precision, stop_at_newline=True, add_special_tokens=not chat) if group else []
+        outputs.update(zip(group, answers))
+    outputs = [outputs[i] for i in range(len(texts))]
+    eos = tokenizer.eos_token or "\0"
+    for t, out in zip(texts, outputs):
+        chosen, rejected = (text.split(eos)[0].strip() for text in (t.chosen, t.rejected))
+        if args.json:
+            print(json.dumps({"where": t.where, "output": out, "chosen": chosen, "rejected": rejected}))
+        else:
+            print(f"{t.where}\n   chosen: {chosen}\n   rejected: {rejected}\n   tuneforge: {out}")
     return 0
 
 

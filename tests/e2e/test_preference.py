@@ -1,5 +1,6 @@
 """Preference tuning through the real command line: TRL's metric names in every sink, the precomputed reference
 stored with the run and restored after SIGTERM and SIGKILL (bit-identical end), the NaN guard, `tuneforge plan`."""
+import json
 import math
 import os
 import random
@@ -47,7 +48,8 @@ def test_lora_dpo_logs_trl_metrics_everywhere_from_ln2(tiny_recipe, tmp_path):
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 4, 8] and abs(val[0]["val_loss"] - math.log(2)) < 1e-6
     assert all(f"val_{k}" in r for r in val for k in TRL_METRICS)
-    assert "held-out preference accuracy" in out.stdout
+    assert "held-out rewards/accuracies 0.000 -> " in out.stdout and "chosen likelier" in out.stdout
+    assert 0 < val[0]["val_logps/accuracies"] < 1  # the base model's own preference, already at step 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(tmp_path / "dpo/tb")).Reload().Tags()["scalars"]
@@ -56,6 +58,15 @@ def test_lora_dpo_logs_trl_metrics_everywhere_from_ln2(tiny_recipe, tmp_path):
     assert "rewards/accuracies" in (tmp_path / "dpo/report.html").read_text()
     assert (tmp_path / "dpo/final/adapter_model.safetensors").is_file()
     assert not (tmp_path / "dpo/reference_logps.safetensors").exists()  # the adapter off is the reference
+    # a finished preference run: eval scores its held-out pairs as the last validation did; generate and
+    # prepare-data show pairs
+    scores = json.loads(run_cli("eval", "--run", str(tmp_path / "dpo")).stdout.strip().splitlines()[-1])
+    for key in ("val_loss", *(f"val_{k}" for k in TRL_METRICS)):
+        assert scores[key] == pytest.approx(val[-1][key], rel=1e-5, abs=1e-6), key
+    shown = run_cli("generate", "--run", str(tmp_path / "dpo"), "--examples", "2", "--max-new-tokens", "3").stdout
+    assert shown.count("   chosen: ") == 2 and "dev.jsonl:2" in shown
+    report = run_cli("prepare-data", "-c", str(tiny_recipe), *dpo_overrides(tmp_path, "dpo")).stdout
+    assert "pairs" in report and ">>>" in report
 
 
 def test_full_dpo_reference_is_stored_and_survives_sigterm_and_sigkill(tiny_recipe, tmp_path):

@@ -12,7 +12,8 @@ from tuneforge.distributed import DistEnv, TrainModule
 from tuneforge.models.load import resolve_precision
 from tuneforge.models.preference import pair_losses
 from tuneforge.peft import apply_peft
-from tuneforge.train.preference import PreferenceStep, accumulate_preference
+from tuneforge.eval.preference import PreferenceStep
+from tuneforge.train.preference import accumulate_preference
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
 

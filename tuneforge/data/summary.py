@@ -10,9 +10,11 @@ import numpy as np
 from tuneforge.config.schema import Config, DataConfig
 from tuneforge.config.sources import as_sources
 from tuneforge.data.loader import MicroBatchSampler, batching_report
+from tuneforge.data.pairs import pair_summary_lines, prepare_pairs
 from tuneforge.data.prepare import prepare_data, template_for
 from tuneforge.data.tables import PreparedData
 from tuneforge.data.tokenize import IGNORE, _template_of, render_prompt
+from tuneforge.errors import UserError
 
 
 def efficiency_line(data: DataConfig, lengths: np.ndarray, sampler: MicroBatchSampler) -> str:
@@ -59,7 +61,23 @@ def render_example(tokenizer, ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+def print_pair_report(cfg: Config, tokenizer, out: str | None = None) -> None:
+    """prepare-data for preference pairs: counts, what truncation did, lengths, and the first pair's tokens."""
+    if out is not None:
+        raise UserError("prepare-data --out: writes prompt/completion records; preference pairs are already "
+                        "prompt, chosen and rejected (run without --out)")
+    train, vals = prepare_pairs(cfg.data, cfg.preference, tokenizer)
+    print("\n".join(pair_summary_lines(train, vals, cfg.data.seq_length, cfg.data.batching)))
+    p = train.examples[0]
+    print("pair 0, prompt then >>>chosen<<< and >>>rejected<<<:")
+    print(tokenizer.decode(p.prompt) + " >>>" + tokenizer.decode(p.chosen) + "<<<")
+    print(tokenizer.decode(p.prompt) + " >>>" + tokenizer.decode(p.rejected) + "<<<")
+
+
 def print_data_report(cfg: Config, tokenizer, out: str | None = None) -> None:
+    if cfg.preference is not None:
+        print_pair_report(cfg, tokenizer, out)
+        return
     data = cfg.data
     train, vals = prepare_data(data, tokenizer, cfg.run.seed, progress=True, keep_records=out is not None)
     print(f"train: {len(train.examples):,} examples, {train.examples.num_tokens:,} tokens "

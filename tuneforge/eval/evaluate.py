@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from tuneforge.config.rules.preference import reference_kind
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.config.sources import is_hub_id, validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
+from tuneforge.data.pairs import pair_eval_batches, prepare_pair_set
 from tuneforge.data.records import Record
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
@@ -19,12 +22,14 @@ from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, eval
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
+from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.squad import squad_scores
 from tuneforge.eval.validate import validate
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.layers import transformers_model
 from tuneforge.models.load import resolve_precision
 from tuneforge.run.model import load_run_model
+from tuneforge.run.reference import REFERENCE_FILE
 from tuneforge.run.scores import write_eval
 
 
@@ -209,6 +214,28 @@ def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSo
     return results
 
 
+def evaluate_pairs(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSource]], precision,
+                   run_dir: Path) -> dict[str, float]:
+    """The held-out preference metrics (val_loss, val_rewards/*, val_logps/*) of each set, with the run's reference:
+    the adapter switched off, or the log-probs stored with the run for its recorded validation sets."""
+    kind = reference_kind(cfg, "single")
+    tables = load_file(str(run_dir / REFERENCE_FILE)) if kind == "precomputed" else {}
+    batches = {}
+    for name, source in sources:
+        pairs = prepare_pair_set(cfg.data, cfg.preference, [source], tokenizer).examples
+        table = tables.get(f"val/{name}")
+        if kind == "precomputed" and (table is None or len(table) < len(pairs)):
+            raise UserError(f"{source.path}: this run's reference log-probs ({run_dir / REFERENCE_FILE}) cover "
+                            "its recorded validation sets only; evaluate those (no --dataset)")
+        batches[name] = pair_eval_batches(pairs, cfg.train.micro_batch_size, tokenizer.pad_token_id, 0, 1,
+                                          "pad_longest", cfg.data.seq_length)
+    module = TrainModule(model)
+    scores = validate_pairs(module, batches, precision, DistEnv(device=str(model.device)),
+                            PreferenceStep(cfg.preference, kind, tables))
+    model.eval()
+    return scores
+
+
 def _limited(source: DataSource, limit: int | None) -> DataSource:
     return dataclasses.replace(source, limit=limit if limit is not None else source.limit)
 
@@ -222,7 +249,8 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=overrides)
     precision = resolve_precision(cfg.model.dtype, model.device.type)
     if dataset is not None:
-        fmt = "classification" if is_classifier(model) else dataset_format(dataset)
+        fmt = ("classification" if is_classifier(model) else "preference" if cfg.preference is not None
+               else dataset_format(dataset))
         given = DataSource(path=dataset, format=fmt, limit=limit)
         sources = [(source_name(given), given)]
     else:
@@ -233,6 +261,8 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
     results: dict = {"model": "base" if base else "final"}
     if is_classifier(model):  # loss, accuracy and macro-F1 with the labels the model was trained on
         results.update(evaluate_classifier(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+    elif cfg.preference is not None:  # held-out pairs: the preference loss and TRL's rewards/* against the reference
+        results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir)))
     else:
         results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
     squad = None if is_classifier(model) else squad_source(cfg, dataset, limit)

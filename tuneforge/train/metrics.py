@@ -99,10 +99,14 @@ def _tb_tag(key: str) -> str:
 # The console line of a logged step: (key that must be present, format of the metrics), in print order.
 _CONSOLE = (("loss", "loss {loss:.4f}"), ("val_loss", "val_loss {val_loss:.4f}"),
             ("val_accuracy", "accuracy {val_accuracy:.3f} macro-F1 {val_macro_f1:.3f}"),
+            ("rewards/accuracies", "reward acc {m[rewards/accuracies]:.2f} margin {m[rewards/margins]:.3f}"),
+            ("val_rewards/accuracies", "val reward acc {m[val_rewards/accuracies]:.2f} margin "
+                                       "{m[val_rewards/margins]:.3f}"),
             ("squad_f1", "squad EM {squad_em:.1f} F1 {squad_f1:.1f}"), ("lr", "lr {lr:.2e}"),
             ("tokens_per_s", "{tokens_per_s:,.0f} tok/s"))
 
 
 def _short(m: dict) -> str:
-    return "  ".join(form.format(**m) for key, form in _CONSOLE if key in m)
+    """Keys that are not names (rewards/margins) are read as {m[key]}."""
+    return "  ".join(form.format(**m, m=m) for key, form in _CONSOLE if key in m)
 

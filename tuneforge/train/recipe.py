@@ -32,6 +32,7 @@ from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_o
                                    launched_world_size, needs_skeleton, set_gradient_sync, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
+from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.validate import validate
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
@@ -43,11 +44,11 @@ from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
 from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
+from tuneforge.run.reference import REFERENCE_FILE, load_reference, pairs_fingerprint, save_reference
 from tuneforge.train.final import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
-from tuneforge.train.preference import (REFERENCE_FILE, PreferenceStep, accumulate_preference, compute_reference,
-                                        load_reference, pairs_fingerprint, save_reference, validate_pairs)
+from tuneforge.train.preference import accumulate_preference, compute_reference
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
@@ -439,8 +440,10 @@ def summarize(metrics_path: Path, seconds: float) -> str:
         parts.append(f"train loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} (first/last 10%)")
     if val:
         parts.append(f"val loss {val[0]:.3f} -> {val[-1]:.3f}")
+    likelier = [r["val_logps/accuracies"] for r in rows if "val_logps/accuracies" in r]
     if accuracy:
-        parts.append(f"held-out preference accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}")
+        parts.append(f"held-out rewards/accuracies {accuracy[0]:.3f} -> {accuracy[-1]:.3f}, chosen likelier "
+                     f"{likelier[0]:.3f} -> {likelier[-1]:.3f}")
     squad = [(r["step"], r["squad_em"], r["squad_f1"]) for r in rows if "squad_f1" in r]
     if squad:  # a score at step 0 is the base model's
         (s0, em0, f0), (s1, em1, f1) = squad[0], squad[-1]
