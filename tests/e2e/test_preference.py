@@ -128,12 +128,14 @@ def test_plan_sizes_a_preference_run(tiny_recipe, tmp_path):
     assert "preference" in out.stdout and "pairs" in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "orpo"])
-def test_every_loss_type_trains(tiny_recipe, tmp_path, loss_type):
-    extra = ["preference.label_smoothing=0.1"] if loss_type == "robust" else []
-    run_cli("finetune", "-c", str(tiny_recipe), *dpo_overrides(tmp_path, loss_type, f"preference.loss_type={loss_type}",
-                                                               "train.max_steps=2", *extra))
-    rows = read_metrics(tmp_path / loss_type)
-    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
-    if loss_type == "orpo":
-        assert rows[0]["nll_loss"] > 0
+def test_orpo_trains_with_its_sft_term_and_no_reference(tiny_recipe, tmp_path):
+    """ipo, hinge and robust take sigmoid's path through the loop (their formulas: tests/unit/test_preference.py);
+    orpo has no reference and an SFT term of its own."""
+    from tuneforge.train import finetune
+
+    finetune(load_config(tiny_recipe, dpo_overrides(tmp_path, "orpo", "preference.loss_type=orpo", "train.max_steps=2",
+                                                    *validation(2))))
+    rows = read_metrics(tmp_path / "orpo")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["nll_loss"] > 0 and math.isfinite(r["loss"]) for r in rows[1:])
+    assert rows[-1]["val_nll_loss"] > 0 and not (tmp_path / "orpo/reference_logps.safetensors").exists()

@@ -125,3 +125,15 @@ def test_batches_put_chosen_first_and_mark_every_completion_token(tmp_path, tok)
             assert labels[seg == j].tolist() == p.chosen and labels[seg == 3 + j].tolist() == p.rejected
     starts = (packed["position_ids"] == 0).sum(1).tolist()
     assert starts == [4, 3]  # row 0: two pairs' four sequences; row 1: one pair's two, then its padding's block
+
+
+def test_packed_rows_hold_seq_length_or_the_longest_pair(tmp_path, tok):
+    from tuneforge.data.pairs import pack_capacity, pair_eval_batches
+
+    rows = [{"prompt": "Once upon a time " * (1 + 3 * i), "chosen": " yes", "rejected": " no"} for i in range(4)]
+    pairs = pairs_of(tmp_path, tok, rows, seq_length=64).examples
+    longest = int(pairs.lengths.max())
+    assert longest > 64 and pack_capacity(pairs, 64) == longest and pack_capacity(pairs, 512) == 512
+    batches = pair_eval_batches(pairs, 8, 0, 0, 1, "packing", 64)
+    assert all(b["input_ids"].shape[1] <= longest for b in batches)
+    assert sorted(i for b in batches for i in b["pair_index"].tolist()) == [0, 1, 2, 3]

@@ -41,17 +41,17 @@ def accumulate_preference(module, micro_batches: list[dict], precision, env: Dis
 
 
 @torch.no_grad()
-def compute_reference(module, sets: dict[str, PairSet], batch_size: int, pad_id: int, seq_length: int, precision,
-                      env: DistEnv) -> dict[str, torch.Tensor]:
-    """The starting model's summed log-probs (n, 2) of every pair of every set, in eval mode: each rank computes
-    every world_size-th pair (as many forwards on every rank: FSDP gathers weights in each), then a sum over ranks
-    gives every rank the whole table."""
+def compute_reference(module, sets: dict[str, PairSet], batch_size: int, pad_id: int, seq_length: int, batching: str,
+                      precision, env: DistEnv) -> dict[str, torch.Tensor]:
+    """The starting model's summed log-probs (n, 2) of every pair of every set, in eval mode, batched as training
+    batches them (packed or padded: the same kernels round alike, so step 1's rewards start at ~0): each rank
+    computes every world_size-th pair (as many forwards on every rank: FSDP gathers weights in each), then a sum
+    over ranks gives every rank the whole table."""
     tables = {}
     with evaluating(module):
         for name, pairs in sets.items():
             table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-            for batch in pair_eval_batches(pairs, batch_size, pad_id, env.rank, env.world_size, "pad_longest",
-                                           seq_length):
+            for batch in pair_eval_batches(pairs, batch_size, pad_id, env.rank, env.world_size, batching, seq_length):
                 index = batch["pair_index"]
                 with precision.context():
                     sums, _ = module({k: v.to(env.device) for k, v in batch.items()})

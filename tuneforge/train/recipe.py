@@ -25,7 +25,8 @@ from tuneforge.config import Config, to_dict
 from tuneforge.config.rules.preference import reference_kind
 from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
 from tuneforge.data.loader import check_packing_backend
-from tuneforge.data.pairs import build_pair_collator, pair_eval_batches, pair_summary_lines, prepare_pairs
+from tuneforge.data.pairs import (build_pair_collator, pack_capacity, pair_eval_batches, pair_summary_lines,
+                                  prepare_pairs)
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.summary import data_summary_lines
 from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
@@ -159,9 +160,10 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
     pairs, row_tokens = cfg.preference is not None, cfg.data.seq_length
-    if pairs:  # a packed row holds both sequences of its pairs: room for two of seq_length
+    if pairs:  # a packed row holds both sequences of its pairs
         collate = build_pair_collator(cfg.data.batching, tokenizer.pad_token_id, cfg.data.seq_length)
-        row_tokens = 2 * cfg.data.seq_length if cfg.data.batching == "packing" else row_tokens
+        if cfg.data.batching == "packing":
+            row_tokens = pack_capacity(train_data.examples, cfg.data.seq_length)
     else:
         collate = build_seq2seq_collator(model.config, tokenizer, cfg.data.batching, cfg.data.seq_length)  # or None
     loader = build_train_loader(train_data.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
@@ -236,7 +238,8 @@ def setup_reference(training: Training, train_data, vals: dict) -> PreferenceSte
                                 "--overwrite")
             started = time.perf_counter()
             tables = compute_reference(training.state.module, sets, cfg.train.micro_batch_size,
-                                       training.tokenizer.pad_token_id, cfg.data.seq_length, training.precision, env)
+                                       training.tokenizer.pad_token_id, cfg.data.seq_length, cfg.data.batching,
+                                       training.precision, env)
             if env.is_main:
                 save_reference(training.run_dir, tables, fingerprint)
             barrier(env)
