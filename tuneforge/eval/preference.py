@@ -22,7 +22,7 @@ from tuneforge.models.preference import WITH_SFT, pair_losses
 # (logps/accuracies, not a TRL metric: the share of pairs whose chosen completion the model itself finds likelier, by
 # summed log-prob; unlike rewards/accuracies it says something at step 0, where every reward is 0)
 SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-         "logps/rejected", "logps/accuracies", "nll", "pairs")
+        "logps/rejected", "logps/accuracies", "nll", "pairs")
 
 
 class PreferenceStep:
@@ -65,8 +65,8 @@ class PreferenceStep:
 
     def chosen_tokens(self, batch: dict) -> int:
         """Completion tokens of the batch's chosen sequences (what the SFT term is divided by, over the step)."""
-        n = batch["pair_index"].numel()
-        valid = torch.cat([batch["pair_index"] >= 0, torch.zeros(n, dtype=torch.bool)])
+        index = batch["pair_index"]
+        valid = torch.cat([index >= 0, torch.zeros(index.numel(), dtype=torch.bool, device=index.device)])
         seg = batch["segments"][:, 1:]
         labelled = seg[batch["labels"][:, 1:] != IGNORE]
         return int(valid[labelled].sum())
