@@ -28,16 +28,20 @@ def assert_same_preference_curve(got, want):
     assert [r["step"] for r in want if "val_loss" in r] == [0, 2, 3]
 
 
-@pytest.mark.parametrize("strategy,reference", [("ddp", "auto"), ("fsdp2", "precomputed")])
-def test_two_processes_train_what_one_trains(tiny_recipe, tmp_path, strategy, reference):
-    extra = [*PREF, f"preference.reference={reference}"]
-    one = run(tiny_recipe, tmp_path, "one", *extra)
-    two = run(tiny_recipe, tmp_path, "two", *extra, f"distributed.strategy={strategy}", nproc=2)
-    assert f"x 2 process(es) [{strategy}]" in two.stdout
-    want_reference = "adapter_off" if reference == "auto" else "log-probs of the starting model for 29 pairs"
-    assert f"reference: {want_reference}" in one.stdout and f"reference: {want_reference}" in two.stdout
-    assert_same_preference_curve(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"))
-    got, want = final_logits(tmp_path / "two/final", True), final_logits(tmp_path / "one/final", True)
-    # Adam divides by the gradient's own size: FSDP2's reduce-scatter rounds a few gradients of ~1e-7 differently,
-    # and three steps of lr 0.003 leave logits of magnitude ~10 within 1e-4 (the metrics above agree to 1e-5)
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+def test_two_processes_train_what_one_trains(tiny_recipe, tmp_path):
+    """One process with the precomputed reference against DDP with the adapter switched off (the same reference,
+    the base model) and FSDP2 with the precomputed one."""
+    one = run(tiny_recipe, tmp_path, "one", *PREF, "preference.reference=precomputed")
+    assert "reference: log-probs of the starting model for 29 pairs" in one.stdout
+    want = final_logits(tmp_path / "one/final", True)
+    for strategy, reference, said in (("ddp", "auto", "adapter_off"),
+                                      ("fsdp2", "precomputed", "log-probs of the starting model for 29 pairs")):
+        two = run(tiny_recipe, tmp_path, strategy, *PREF, f"preference.reference={reference}",
+                  f"distributed.strategy={strategy}", nproc=2)
+        assert f"x 2 process(es) [{strategy}]" in two.stdout and f"reference: {said}" in two.stdout
+        assert_same_preference_curve(read_metrics(tmp_path / strategy), read_metrics(tmp_path / "one"))
+        got = final_logits(tmp_path / strategy / "final", True)
+        # Adam divides by the gradient's own size: FSDP2's reduce-scatter rounds a few gradients of ~1e-7
+        # differently, and three steps of lr 0.003 leave logits of magnitude ~10 within 1e-4 (the metrics above
+        # agree to 1e-5)
+        assert torch.allclose(got, want, atol=1e-4), (strategy, (got - want).abs().max())
