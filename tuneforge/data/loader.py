@@ -262,16 +262,19 @@ def build_train_loader(examples, micro_batch_size: int, pad_id: int, seed: int, 
 
 def build_eval_batches(examples, batch_size: int, pad_id: int, rank: int = 0, world_size: int = 1,
                        batching: str = "pad_longest", seq_length: int | None = None,
-                       collate_fn=None) -> list[dict[str, torch.Tensor]]:
+                       collate_fn=None, row_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Validation batches in file order (this rank's share); built once, reused at every validation. Packing packs
-    in file order too, so the validation set and its loss are the same as unpacked. Every rank gets the same
-    number of batches (FSDP gathers weights in each forward, so all ranks must run as many): ranks with fewer
-    add batches whose labels are all masked, which add nothing to the loss or the token count."""
+    in file order too (rows of row_tokens, default seq_length), so the validation set and its loss are the same as
+    unpacked. Every rank gets the same number of batches (FSDP gathers weights in each forward, so all ranks must
+    run as many): ranks with fewer add batches whose labels are all masked (and, for preference pairs, whose pair
+    index is -1), which add nothing to the loss or the counts."""
+    lengths = getattr(examples, "lengths", None)
+
     def plan(r: int) -> list[list]:
         idx = list(range(r, len(examples), world_size))
         if batching == "packing":
-            lengths = np.array([len(examples[i].input_ids) for i in range(len(examples))])
-            rows = pack_rows(idx, lengths, seq_length)
+            sizes = lengths if lengths is not None else np.array([len(ex.input_ids) for ex in examples])
+            rows = pack_rows(idx, sizes, row_tokens or seq_length)
             return [[[examples[i] for i in row] for row in rows[k:k + batch_size]]
                     for k in range(0, len(rows), batch_size)]
         return [[examples[i] for i in idx[k:k + batch_size]] for k in range(0, len(idx), batch_size)]
@@ -282,6 +285,8 @@ def build_eval_batches(examples, batch_size: int, pad_id: int, rank: int = 0, wo
     while len(batches) < most:
         filler = collate([[examples[0]]] if batching == "packing" else [examples[0]])
         filler["labels"].fill_(IGNORE)
+        if "pair_index" in filler:
+            filler["pair_index"].fill_(-1)
         batches.append(filler)
     return batches
 

@@ -20,6 +20,7 @@ position_ids). `segments` gives every labelled position the sequence it belongs 
 n + j), so the loss sums log-probabilities per sequence the same way in both layouts."""
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 
 from tuneforge.config.schema import DataConfig, DataSource, PreferenceConfig
 from tuneforge.config.sources import as_sources, source_name, validation_sets
-from tuneforge.data.loader import pack_rows
+from tuneforge.data.loader import build_eval_batches
 from tuneforge.data.records import _get, _Reader, iter_rows
 from tuneforge.data.tables import PreparedData, SourceReport
 from tuneforge.data.tokenize import IGNORE, TokenizeStats, _chat_template, chat_prompts_for
@@ -175,15 +176,6 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _cut_prompt(ids: list[int], keep: int, mode: str, bos: int | None) -> list[int]:
     if len(ids) <= keep:
         return ids
@@ -211,7 +203,7 @@ def tokenize_pairs(texts: list[_Texts], tokenizer, seq_length: int, pref: Prefer
             prompt, chosen, rejected = prompts[k], joint["chosen"][k], joint["rejected"][k]
             # the prompt's tokens as the whole texts have them: a BPE merge across the boundary moves the merged
             # token into both completions, so they still share one prompt
-            shared = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+            shared = len(os.path.commonprefix([prompt, chosen, rejected]))
             if shared < len(prompt):
                 notes["prompts whose last tokens merge into the completion (moved to the completion)"] += 1
                 prompt = prompt[:shared]
@@ -377,21 +369,8 @@ def build_pair_collator(batching: str, pad_id: int, seq_length: int):
 
 def pair_eval_batches(pairs: PairSet, batch_size: int, pad_id: int, rank: int, world_size: int, batching: str,
                       seq_length: int) -> list[dict]:
-    """Held-out (or reference-pass) batches of this rank's share, in file order; every rank gets as many batches
-    (FSDP gathers weights in each forward): ranks with fewer add a batch of one filler pair (index -1)."""
-    collate = build_pair_collator(batching, pad_id, seq_length)
-
-    def plan(r: int) -> list:
-        idx = list(range(r, len(pairs), world_size))
-        if batching == "packing":
-            rows = pack_rows(idx, pairs.lengths, pack_capacity(pairs, seq_length))
-            return [[[pairs[i] for i in row] for row in rows[k:k + batch_size]]
-                    for k in range(0, len(rows), batch_size)]
-        return [[pairs[i] for i in idx[k:k + batch_size]] for k in range(0, len(idx), batch_size)]
-
-    batches = [collate(group) for group in plan(rank)]
-    most = max(len(plan(r)) for r in range(world_size))
-    while len(batches) < most:
-        filler = Pair(pairs[0].prompt, pairs[0].chosen, pairs[0].rejected, index=-1)
-        batches.append(collate([[filler]] if batching == "packing" else [filler]))
-    return batches
+    """Held-out (or reference-pass) batches of this rank's share, in file order, as many on every rank (a rank with
+    fewer adds a filler pair, index -1, that counts for nothing): loader.build_eval_batches with the pair layout."""
+    return build_eval_batches(pairs, batch_size, pad_id, rank, world_size, batching, seq_length,
+                              collate_fn=build_pair_collator(batching, pad_id, seq_length),
+                              row_tokens=pack_capacity(pairs, seq_length))

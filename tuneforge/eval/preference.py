@@ -60,8 +60,8 @@ class PreferenceStep:
                                    ((chosen_reward - rejected_reward) * valid).sum(),
                                    (logps[:, 0].detach() * valid).sum(), (logps[:, 1].detach() * valid).sum(),
                                    ((policy[:, 0] > policy[:, 1]).to(valid.dtype) * valid).sum(), nll.detach(),
-                                   valid.sum()]).double().cpu()
-        return pair_loss, nll, metrics
+                                   valid.sum()]).double()
+        return pair_loss, nll, metrics  # metrics stay on the device: one copy to the host per step, not per batch
 
     def chosen_tokens(self, batch: dict) -> int:
         """Completion tokens of the batch's chosen sequences (what the SFT term is divided by, over the step)."""
@@ -109,15 +109,16 @@ def validate_pairs(module, batches: dict[str, list], precision, env: DistEnv, st
     per_set = {}
     with evaluating(module):
         for name, set_batches in batches.items():
-            sums, tokens = torch.zeros(len(SUMS), dtype=torch.float64), 0
+            sums, tokens = torch.zeros(len(SUMS), dtype=torch.float64, device=env.device), 0
             for batch in set_batches:
+                tokens += step.chosen_tokens(batch) if step.sft_weight else 0
                 batch = {k: v.to(env.device) for k, v in batch.items()}
                 with precision.context():
                     reference = step.reference(module, batch, f"val/{name}")
                     seq_sums, seq_counts = module(batch)
                 sums += step.terms(seq_sums, seq_counts, reference, batch)[2]
-                tokens += step.chosen_tokens(batch) if step.sft_weight else 0
-            reduced = all_reduce_tensor(torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]), env)
+            reduced = all_reduce_tensor(torch.cat([sums.cpu(), torch.tensor([float(tokens)], dtype=torch.float64)]),
+                                        env)
             per_set[name] = (reduced[:-1], int(reduced[-1]))
     total = sum(s for s, _ in per_set.values())
     out = step.summarize(total, sum(t for _, t in per_set.values()), "val_")

@@ -23,7 +23,7 @@ def accumulate_preference(module, micro_batches: list[dict], precision, env: Dis
     counts = torch.tensor([[count_pairs(mb), step.chosen_tokens(mb) if step.sft_weight else 0]
                            for mb in micro_batches], dtype=torch.float64).sum(0)
     pairs, chosen_tokens = (int(v) for v in all_reduce_tensor(counts, env).tolist())
-    sums = torch.zeros(len(SUMS), dtype=torch.float64)
+    sums = torch.zeros(len(SUMS), dtype=torch.float64, device=env.device)
     for i, mb in enumerate(micro_batches):
         mb = {k: v.to(env.device) for k, v in mb.items()}
         with set_gradient_sync(module, i == len(micro_batches) - 1):  # all-reduce once, on the last micro-batch
@@ -36,7 +36,7 @@ def accumulate_preference(module, micro_batches: list[dict], precision, env: Dis
                 loss = loss + nll * (step.sft_weight * env.world_size / max(chosen_tokens, 1))
             loss.backward()
         sums += metrics
-    metrics = step.summarize(all_reduce_tensor(sums, env), chosen_tokens)
+    metrics = step.summarize(all_reduce_tensor(sums.cpu(), env), chosen_tokens)
     return metrics.pop("loss"), pairs, metrics
 
 
