@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.data import DEFAULT_TEMPLATES, IGNORE, load_records, tokenize_records
 from tuneforge.data.loader import Collator, PackedCollator, build_eval_batches, pack_rows
+from tuneforge.models.attention import PER_EXAMPLE, example_blocks, use_per_example_attention
 from tuneforge.models.load import resolve_precision
 from tuneforge.models.loss import causal_lm_loss, count_label_tokens
 from tuneforge.distributed import DistEnv, TrainModule
@@ -23,11 +24,16 @@ def examples(tok):
 
 
 def _model(attn: str):
+    """attn: a transformers backend, or per_example (sdpa switched to tuneforge's attention per example)."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa" if attn == "per_example" else attn,
+                                                 dtype=torch.float32).eval()
+    if attn == "per_example":
+        assert use_per_example_attention(model) and model.config._attn_implementation == PER_EXAMPLE
+    return model
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "per_example"])
 def test_packed_validation_loss_equals_padded(tok, examples, attn):
     model = _model(attn)
     fp32 = resolve_precision("float32", "cpu")
@@ -55,7 +61,7 @@ def _row_losses(model, row, collate):
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "per_example"])
 def test_no_example_sees_another_in_its_row(tok, examples, attn):
     model = _model(attn)
     collate, row = PackedCollator(tok.pad_token_id), examples[:3]
@@ -87,6 +93,58 @@ def test_positions_that_do_not_restart_would_leak(tok, examples):
         good = float(causal_lm_loss(model, dict(batch, labels=only)))
         bad = float(causal_lm_loss(model, dict(leaky, labels=only)))
     assert abs(good - bad) > 1e-3
+
+
+def test_example_blocks_open_at_every_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    assert example_blocks(pos, 2) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
+    assert example_blocks(pos[1:], 2) == [[(0, 9)], [(0, 9)]]  # (1, L) positions broadcast over the rows
+
+
+def _grads(model, batch, checkpointing=False):
+    model.zero_grad()
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    loss = causal_lm_loss(model, batch)
+    loss.backward()
+    model.eval()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_per_example_attention_gives_block_masks_loss_and_gradients(tok, examples, checkpointing):
+    """The switch changes the kernel, not the values: fp32 loss and every gradient of a packed batch as sdpa's
+    block mask gives them, with activation checkpointing recomputing through the same path."""
+    batches = build_eval_batches(examples, 3, tok.pad_token_id, batching="packing", seq_length=512)
+    batch = batches[0]
+    assert int((batch["position_ids"] == 0).sum(1).min()) >= 3
+    want_loss, want = _grads(_model("sdpa"), batch, checkpointing)
+    got_loss, got = _grads(_model("per_example"), batch, checkpointing)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:  # summed (not averaged) losses: gradients up to ~100, fp32 rounding relative to that
+        assert (got[name] - want[name]).abs().max() <= 3e-5 * want[name].abs().max(), name  # eager: 7e-6
+
+
+def test_per_example_attention_is_sdpa_for_padded_batches_and_generation(tok, examples):
+    """Where there are no example blocks to read (padded batches, a cache), the switched model is sdpa exactly."""
+    sdpa, ours = _model("sdpa"), _model("per_example")
+    batch = Collator(tok.pad_token_id)(examples[:4])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(sdpa(**inputs).logits, ours(**inputs).logits)
+    prompts = tok(["Once upon a time", "The little dog ran to the"], return_tensors="pt", padding=True,
+                  padding_side="left")
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(sdpa.generate(**prompts, **kw), ours.generate(**prompts, **kw))
+
+
+def test_per_example_attention_is_not_saved_in_the_config(tmp_path):
+    model = _model("per_example")
+    model.save_pretrained(tmp_path)
+    assert PER_EXAMPLE not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 def test_pack_rows_never_overflows_and_keeps_every_example_once():

@@ -35,6 +35,7 @@ from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.validate import validate
+from tuneforge.models.attention import use_per_example_attention
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.layers import decoder_layers
@@ -144,6 +145,8 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             check_checkpoint_fits(cfg, resume_from, model_config)
     model = (load_model_skeleton(cfg.model, model_config) if needs_skeleton(strategy, env)
              else load_model(cfg.model, config=model_config))
+    if cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example":
+        use_per_example_attention(model)
     model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
     init_lines = apply_init_from(model, cfg) if cfg.model.init_from else []  # a resumed checkpoint then overrides
     model.train()
