@@ -145,7 +145,9 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             check_checkpoint_fits(cfg, resume_from, model_config)
     model = (load_model_skeleton(cfg.model, model_config) if needs_skeleton(strategy, env)
              else load_model(cfg.model, config=model_config))
-    if cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example":
+    if cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example" and not cfg.train.compile:
+        # compiled layers keep sdpa inside their one graph: the per-example path's graph break gave inductor
+        # graphs whose q/k/v outputs held NaNs with ATEN_CPU_CAPABILITY=avx2 (benchmarks/RESULTS.md)
         use_per_example_attention(model)
     model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
     init_lines = apply_init_from(model, cfg) if cfg.model.init_from else []  # a resumed checkpoint then overrides
