@@ -58,6 +58,7 @@ OTHER_CKPT = safetensors_bytes({f"{Q_PROJ_A}.default.weight": (4, 32)})
 T5 = {"t5/config.json": json.dumps({"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32,
                                    "vocab_size": 64})}  # an encoder-decoder: model.kind auto resolves to seq2seq
 T5_FT = [*FT, "model.name_or_path={tmp}/t5"]
+FULL_RUN = {"full/config.yaml": STORIES_RUN, "full/final/config.json": '{"model_type": "llama"}'}  # a full fine-tune
 PAIR = '{"prompt": "Q: who? A:", "chosen": " Tom", "rejected": " Ann"}'
 PREF = [*FT, "data.train.path={repo}/assets/data/squad_pairs/train.jsonl", "data.train.format=preference",
         "data.train.limit=16", "preference.loss_type=sigmoid", "data.seq_length=256"]
@@ -140,6 +141,24 @@ CASES = [
     Case("model", "vLLM export of a seq2seq run", ["export", "--run", "{tmp}/s2s", "--out", "{tmp}/e"],
          "holds an encoder-decoder (seq2seq) model, which vLLM does not serve",
          {"s2s/config.yaml": STORIES_RUN, "s2s/final/config.json": '{"is_encoder_decoder": true}'}),
+    Case("export", "GGUF quant type the gguf package cannot write",
+         ["export", "--run", "{tmp}/full", "--format", "gguf", "--quant", "q4_k_m", "--out", "{tmp}/m.gguf"],
+         "--quant q4_k_m: gguf writes one of f32, f16, bf16, q8_0, q4_0", FULL_RUN),
+    Case("export", "GGUF file that exists, without --overwrite",
+         ["export", "--run", "{tmp}/full", "--format", "gguf", "--out", "{tmp}/old.gguf"],
+         "old.gguf: exists; pass --overwrite to replace it", {**FULL_RUN, "old.gguf": "an earlier export"}),
+    Case("export", "GGUF output not named .gguf", ["export", "--run", "{tmp}/full", "--format", "gguf", "--out",
+                                                   "{tmp}/model"], "expected a file name ending in .gguf", FULL_RUN),
+    Case("export", "GGUF of an architecture without an export",
+         ["export", "--run", "{tmp}/gpt2full", "--format", "gguf", "--out", "{tmp}/m.gguf"],
+         "model_type 'gpt2' has no GGUF export here (supported: llama, mistral, qwen2)",
+         {"gpt2full/config.yaml": STORIES_RUN, "gpt2full/final/config.json": '{"model_type": "gpt2"}'}),
+    Case("export", "GGUF LoRA of a full fine-tune",
+         ["export", "--run", "{tmp}/full", "--format", "gguf-lora", "--out", "{tmp}/a.gguf"],
+         "holds a full fine-tune, not one LoRA adapter; use --format gguf", FULL_RUN),
+    Case("export", "an Ollama Modelfile for a GGUF LoRA",
+         ["export", "--run", "{tmp}/full", "--format", "gguf-lora", "--ollama", "--out", "{tmp}/a.gguf"],
+         "--ollama: goes with --format gguf", FULL_RUN),
     Case("model", "plan for a seq2seq model", ["plan", "-c", "{tmp}/recipe.yaml", "model.name_or_path={tmp}/t5"],
          "tuneforge plan covers causal LMs", T5),
     Case("model", "output directory under a file", [*FT, "run.output_dir={tmp}/afile/runs"],

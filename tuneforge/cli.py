@@ -165,13 +165,23 @@ def add_eval_commands(sub) -> None:
     rep.add_argument("--run", required=True, help="run directory (runs/<name>)")
     rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    ex = sub.add_parser("export", help="write the run's model for a serving engine",
+    ex = sub.add_parser("export", help="write the run's model for a serving engine (vLLM, llama.cpp, Ollama)",
                         description="--format vllm: a merged HF model directory (LoRA merged into the base; a full "
-                                    "fine-tune copied), or with --keep-adapter the adapter for vLLM's LoRA serving. "
-                                    "Prints the `vllm serve` command.")
+                                    "fine-tune copied), or with --keep-adapter the adapter for vLLM's LoRA serving; "
+                                    "prints the `vllm serve` command. --format gguf: one GGUF file for llama.cpp, "
+                                    "Ollama and LM Studio (an adapter merged first), with its tokenizer and chat "
+                                    "template; --ollama adds a Modelfile beside it. --format gguf-lora: the LoRA "
+                                    "adapter alone, for llama.cpp's --lora. Prints the commands that run it.")
     ex.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    ex.add_argument("--format", choices=["vllm"], default="vllm", help="target (default vllm)")
-    ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    ex.add_argument("--format", choices=["vllm", "gguf", "gguf-lora"], default="vllm", help="target (default vllm)")
+    ex.add_argument("--out", required=True, help="vllm: output directory (must not exist or be empty); gguf, "
+                                                 "gguf-lora: the .gguf file")
+    ex.add_argument("--quant", default="f16", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32; gguf-lora: f16, bf16 "
+                                                   "or f32")
+    ex.add_argument("--ollama", action="store_true", help="gguf: also write a Modelfile (template, stop tokens, "
+                                                          "system prompt) beside the file")
+    ex.add_argument("--overwrite", action="store_true", help="gguf: replace an existing file (kept whole until the "
+                                                             "new one is complete)")
     ex.add_argument("--keep-adapter", action="store_true", help="keep the LoRA adapter separate (vLLM --enable-lora)")
     ex.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -383,9 +393,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tuneforge.export import export_vllm
+    from tuneforge.export import export_gguf, export_vllm
 
-    print(export_vllm(args.run, args.out, keep_adapter=args.keep_adapter))
+    if args.format == "vllm":
+        if args.ollama or args.quant != "f16" or args.overwrite:
+            raise UserError("--quant, --ollama and --overwrite go with --format gguf / gguf-lora")
+        print(export_vllm(args.run, args.out, keep_adapter=args.keep_adapter))
+        return 0
+    if args.keep_adapter:
+        raise UserError("--keep-adapter goes with --format vllm; --format gguf-lora writes the adapter alone")
+    print(export_gguf(args.run, args.out, quant=args.quant, overwrite=args.overwrite, ollama=args.ollama,
+                      lora=args.format == "gguf-lora"))
     return 0
 
 

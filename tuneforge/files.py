@@ -87,6 +87,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
     fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target` for a writer that opens files by name; when the block ends normally
+    the file is synced and replaces `target` in one rename. When it raises, `target` is untouched and the
+    temporary file is removed."""
+    target = Path(target)
+    tmp = _temp_sibling(target)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        _remove(tmp)
+    fsync_dir(target.parent)
+
+
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     """Swap the complete directory `new` (a sibling of `target`, on the same file system) into `target`'s place.
 

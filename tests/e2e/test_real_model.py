@@ -227,3 +227,75 @@ def test_model_card_names_the_gguf_file_not_the_local_cache(smollm2_run):
             "`b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53`, dequantized to fp32 by tuneforge)"
             ) in card, card
     assert "base_model:" not in card.split("---")[1]  # a local base links to no Hub page
+
+
+@pytest.fixture(scope="module")
+def gguf_export(smollm2_run, tmp_path_factory):
+    """`export --format gguf --quant f16 --ollama` of the run: the file, the Modelfile beside it, what it printed."""
+    out = tmp_path_factory.mktemp("gguf") / "quickstart-f16.gguf"
+    proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "gguf", "--quant", "f16", "--out", str(out),
+                   "--ollama")
+    return out, proc
+
+
+def test_gguf_export_reads_back_in_transformers_as_the_adapted_model(smollm2_run, gguf_export, adapter_logits,
+                                                                       run_model, chat_prompt):
+    """An independent reader (transformers' GGUF loader, which undoes llama.cpp's q/k layout and rebuilds the
+    tokenizer from tokenizer.ggml.*) gets the adapted model back: exactly the merged model with its matrices rounded
+    to f16 (the rounding moves these logits by up to ~0.05; the adapter moves them by ~3), the same greedy answer,
+    and the same token ids for the prompt and for text with special tokens."""
+    from tuneforge.run.load import load_run
+    from tuneforge.run.merge import load_merged
+
+    out, proc = gguf_export
+    enc, adapted = adapter_logits
+    back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    rounded = load_merged(*load_run(smollm2_run[0])).eval()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+        got = back(**enc).logits
+        assert torch.allclose(got, rounded(**enc).logits, rtol=0, atol=1e-5)
+        assert (got.double() - adapted).abs().max() < 0.1
+    model, tokenizer, _ = run_model
+    kw = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(back.generate(**enc, **kw), model.generate(**enc, **kw))
+    back_tok = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    special = "<|im_start|>user\nHi there<|im_end|>\n<|endoftext|> 3 apples, ¿qué? 日本"
+    for text in (chat_prompt, special):
+        assert back_tok(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert back_tok.chat_template == tokenizer.chat_template
+    assert f"ollama create quickstart -f Modelfile" in proc.stdout and f"llama-cli -m {out} -cnv" in proc.stdout
+
+
+def test_the_modelfile_renders_a_conversation_as_the_chat_template_does(gguf_export, run_model):
+    from tuneforge.models.gguf_export import render_go_template
+
+    out, _ = gguf_export
+    text = (out.parent / "Modelfile").read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    assert text.startswith(f"FROM ./{out.name}\n") and system == SYSTEM  # the system turn the run trained with
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
+    two_turns = [{"role": "system", "content": system}, MESSAGES[1],
+                 {"role": "assistant", "content": "Cam Newton"}, {"role": "user", "content": "And his team?"}]
+    tokenizer = run_model[1]
+    assert render_go_template(template, two_turns) == tokenizer.apply_chat_template(
+        two_turns, tokenize=False, add_generation_prompt=True)
+
+
+def test_gguf_lora_names_the_base_files_tensors(smollm2_run, gguf_export, tmp_path):
+    """The adapter as a GGUF LoRA: 7 projections x 30 layers, each a lora_a / lora_b pair named after a tensor of
+    the exported model, alpha from the adapter, and the printed llama.cpp command applies it to the pip GGUF."""
+    from gguf import GGUFReader
+
+    proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "gguf-lora", "--out", str(tmp_path / "a.gguf"))
+    lora = GGUFReader(str(tmp_path / "a.gguf"))
+    assert lora.fields["general.type"].contents() == "adapter"
+    assert lora.fields["adapter.lora.alpha"].contents() == 32.0
+    names = {t.name for t in lora.tensors}
+    model_names = {t.name for t in GGUFReader(str(gguf_export[0])).tensors}
+    adapted = {n.rsplit(".", 1)[0] for n in names}
+    assert len(names) == 2 * 7 * 30 and adapted <= model_names
+    assert f"--lora {tmp_path / 'a.gguf'}" in proc.stdout and str(SMOLLM2.resolve()) in proc.stdout
