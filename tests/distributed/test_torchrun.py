@@ -100,11 +100,11 @@ def torchrun(recipe, tmp_path, name, *extra, nproc=2):
     return run_cli(command=torchrun_command(args), check=False)
 
 
-def test_twelve_consecutive_two_process_runs_exit_cleanly(tiny_recipe, tmp_path):
-    """How the ranks end (a clean exit, no SIGABRT from gloo's teardown), twelve times, DDP and FSDP2 in turn (the
-    other slow tests end about as many two-process runs again); torchrun is started directly, as a user may, so the
-    launcher's pre-flight (tested with the refusals) does not run every time."""
-    for i in range(12):
+def test_six_consecutive_two_process_runs_exit_cleanly(tiny_recipe, tmp_path):
+    """How the ranks end (a clean exit, no SIGABRT from gloo's teardown), six times, DDP and FSDP2 in turn (every
+    other slow test ends its own two-process runs the same way, about a dozen more); torchrun is started directly,
+    as a user may, so the launcher's pre-flight (tested with the refusals) does not run every time."""
+    for i in range(6):
         strategy = ("ddp", "fsdp2")[i % 2]
         proc = torchrun(tiny_recipe, tmp_path, f"r{i}", "train.max_steps=1", "data.train.limit=16",
                         "data.seq_length=96", f"distributed.strategy={strategy}")

@@ -4,6 +4,7 @@ One short run per session, through the shipped recipe: the GGUF file is dequanti
 LoRA steps train on it, and every later path takes that one run: the adapter loads in plain peft on that base with
 tuneforge's own logits, `generate --input` and `serve` (through the openai client) give the same greedy answer,
 `merge` and `export --format vllm` write models with the adapter's logits, and `report` draws the run."""
+import contextlib
 import copy
 import io
 import json
@@ -229,28 +230,35 @@ def test_model_card_names_the_gguf_file_not_the_local_cache(smollm2_run):
     assert "base_model:" not in card.split("---")[1]  # a local base links to no Hub page
 
 
+def cli_in_process(*argv: str) -> str:
+    """The command line's stdout, run in this process (the model modules are loaded already: no start-up cost)."""
+    from tuneforge import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(list(argv)) == 0
+    return printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def gguf_export(smollm2_run, tmp_path_factory):
     """`export --format gguf --quant f16 --ollama` of the run: the file, the Modelfile beside it, what it printed."""
     out = tmp_path_factory.mktemp("gguf") / "quickstart-f16.gguf"
-    proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "gguf", "--quant", "f16", "--out", str(out),
-                   "--ollama")
-    return out, proc
+    printed = cli_in_process("export", "--run", str(smollm2_run[0]), "--format", "gguf", "--quant", "f16", "--out",
+                             str(out), "--ollama")
+    return out, printed
 
 
-def test_gguf_export_reads_back_in_transformers_as_the_adapted_model(smollm2_run, gguf_export, adapter_logits,
-                                                                       run_model, chat_prompt):
+def test_gguf_export_reads_back_in_transformers_as_the_adapted_model(gguf_export, adapter_logits, run_model,
+                                                                       chat_prompt):
     """An independent reader (transformers' GGUF loader, which undoes llama.cpp's q/k layout and rebuilds the
     tokenizer from tokenizer.ggml.*) gets the adapted model back: exactly the merged model with its matrices rounded
     to f16 (the rounding moves these logits by up to ~0.05; the adapter moves them by ~3), the same greedy answer,
     and the same token ids for the prompt and for text with special tokens."""
-    from tuneforge.run.load import load_run
-    from tuneforge.run.merge import load_merged
-
-    out, proc = gguf_export
+    out, printed = gguf_export
     enc, adapted = adapter_logits
     back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
-    rounded = load_merged(*load_run(smollm2_run[0])).eval()
+    rounded = copy.deepcopy(run_model[0]).merge_and_unload().eval()
     with torch.no_grad():
         for p in rounded.parameters():
             if p.ndim == 2:
@@ -266,7 +274,7 @@ def test_gguf_export_reads_back_in_transformers_as_the_adapted_model(smollm2_run
     for text in (chat_prompt, special):
         assert back_tok(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
     assert back_tok.chat_template == tokenizer.chat_template
-    assert f"ollama create quickstart -f Modelfile" in proc.stdout and f"llama-cli -m {out} -cnv" in proc.stdout
+    assert "ollama create quickstart -f Modelfile" in printed and f"llama-cli -m {out} -cnv" in printed
 
 
 def test_the_modelfile_renders_a_conversation_as_the_chat_template_does(gguf_export, run_model):
@@ -290,7 +298,8 @@ def test_gguf_lora_names_the_base_files_tensors(smollm2_run, gguf_export, tmp_pa
     the exported model, alpha from the adapter, and the printed llama.cpp command applies it to the pip GGUF."""
     from gguf import GGUFReader
 
-    proc = run_cli("export", "--run", str(smollm2_run[0]), "--format", "gguf-lora", "--out", str(tmp_path / "a.gguf"))
+    printed = cli_in_process("export", "--run", str(smollm2_run[0]), "--format", "gguf-lora", "--out",
+                             str(tmp_path / "a.gguf"))
     lora = GGUFReader(str(tmp_path / "a.gguf"))
     assert lora.fields["general.type"].contents() == "adapter"
     assert lora.fields["adapter.lora.alpha"].contents() == 32.0
@@ -298,4 +307,4 @@ def test_gguf_lora_names_the_base_files_tensors(smollm2_run, gguf_export, tmp_pa
     model_names = {t.name for t in GGUFReader(str(gguf_export[0])).tensors}
     adapted = {n.rsplit(".", 1)[0] for n in names}
     assert len(names) == 2 * 7 * 30 and adapted <= model_names
-    assert f"--lora {tmp_path / 'a.gguf'}" in proc.stdout and str(SMOLLM2.resolve()) in proc.stdout
+    assert f"--lora {tmp_path / 'a.gguf'}" in printed and str(SMOLLM2.resolve()) in printed
