@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 PER_EXAMPLE = "tuneforge_per_example_sdpa"
 
@@ -37,7 +40,6 @@ def per_example_attention(module, query, key, value, attention_mask, dropout: fl
                           scaling: float | None = None, **kwargs):
     """transformers' attention-function contract: query (b, heads, L, d), key/value (b, kv_heads, L, d) ->
     ((b, L, heads, d), None)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or position_ids is None or query.size(2) != key.size(2) or query.size(2) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -56,7 +58,6 @@ def per_example_attention(module, query, key, value, attention_mask, dropout: fl
 def _per_example_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                       attention_mask=None, local_size=None, **kwargs):
     """No mask where per_example_attention can read the blocks from position_ids; sdpa's mask otherwise."""
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
     if (attention_mask is None and local_size is None and q_offset == 0 and kv_offset == 0
             and q_length == kv_length and not getattr(kwargs.get("config"), "sliding_window", None)):
         return None
@@ -67,8 +68,6 @@ def _per_example_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 def use_per_example_attention(model) -> bool:
     """Switch a loaded transformers model (or a peft wrapper of one) from sdpa to PER_EXAMPLE; False, with the model
     unchanged, where its attention is not transformers' sdpa or it has sliding-window layers."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", PER_EXAMPLE):
         return False

@@ -253,6 +253,15 @@ def _interleave_rotary(w, heads: int):
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama_rows(name: str, rows, config: dict, model_type: str):
+    """`rows` (a weight, or a LoRA B, of GGUF tensor `name`) in the GGUF file's layout: q and k interleaved for
+    the rotary layout of architectures written as llama, everything else as it is."""
+    if not ARCHES[model_type][1] or not (".attn_q." in name or ".attn_k." in name):
+        return rows
+    heads = config["num_attention_heads"]
+    return _interleave_rotary(rows, heads if ".attn_q." in name else config.get("num_key_value_heads") or heads)
+
+
 def _qtype_for(name: str, array, quant: str, notes: list[str]):
     """GGML type of one tensor: 1-D stays F32; rows that do not split into whole blocks fall back to F16."""
     import gguf
@@ -281,10 +290,8 @@ def _add_tensor(writer, name: str, array, qtype) -> None:
 def gguf_tensors(state: dict, config: dict, model_type: str):
     """(GGUF name, fp32 numpy array) of every weight of a causal LM's state dict, in llama.cpp's layout."""
     import gguf
-    arch, interleave = ARCHES[model_type]
+    arch, _ = ARCHES[model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
     tied = config.get("tie_word_embeddings", False)
     for key, tensor in state.items():
         if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
@@ -292,10 +299,7 @@ def gguf_tensors(state: dict, config: dict, model_type: str):
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"weights: {key} has no GGUF name for architecture {arch}")
-        array = tensor.detach().float().cpu().numpy()
-        if interleave and (".attn_q." in name or ".attn_k." in name):
-            array = _interleave_rotary(array, heads if ".attn_q." in name else kv_heads)
-        yield name, array
+        yield name, _llama_rows(name, tensor.detach().float().cpu().numpy(), config, model_type)
 
 
 def write_gguf(out: Path, state: dict, config: dict, tokenizer, quant: str, name: str,
@@ -344,10 +348,8 @@ def write_gguf_lora(out: Path, adapter_dir: Path, config: dict, quant: str, name
     if adapter_cfg.get("use_rslora"):
         alpha = alpha * math.sqrt(rank)  # llama.cpp scales by alpha / r; rsLoRA's scale is alpha / sqrt(r)
     model_type = model_type_of(config, "base config.json")
-    arch, interleave = ARCHES[model_type]
+    arch, _ = ARCHES[model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -362,9 +364,7 @@ def write_gguf_lora(out: Path, adapter_dir: Path, config: dict, quant: str, name
         if target is None:
             raise UserError(f"{adapter_dir}: adapted module {module} has no GGUF name for architecture {arch}")
         a = weights[key].float().numpy()
-        b = weights[key.replace("lora_A", "lora_B")].float().numpy()
-        if interleave and (".attn_q." in target or ".attn_k." in target):
-            b = _interleave_rotary(b, heads if ".attn_q." in target else kv_heads)
+        b = _llama_rows(target, weights[key.replace("lora_A", "lora_B")].float().numpy(), config, model_type)
         _add_tensor(writer, f"{target}.lora_a", a, qtype)
         _add_tensor(writer, f"{target}.lora_b", b, qtype)
         layers += 1
