@@ -1,6 +1,8 @@
 """Shared fixtures: paths to shipped assets, tiny models built from configs, and a CLI runner."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -32,6 +34,17 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict |
         raise AssertionError(f"{' '.join(command)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def cli_in_process(*argv: str) -> str:
+    """The command line's stdout, run in this process (the model modules are loaded already: no start-up cost of a
+    subprocess). For the commands that read a run; training keeps its own process (run_cli)."""
+    from tuneforge import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(list(argv)) == 0
+    return printed.getvalue()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -48,8 +48,37 @@ def assert_same_curve(got, want):
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
 
 
+STORY_ANSWERS = ["Can you help", "I'm sorry", "you", "Can", "Lily", "I'm", "help me", "sorry", "a ball", "Can you"]
+
+
+def squad_options(tmp_path):
+    """Questions whose gold answers are words the story model likes to write ('"I'm sorry', 'Can you help'), so
+    its F1 is not zero (10 questions, in batches of 3: ranks 0 and 1 answer two batches each)."""
+    context = "Once upon a time there was a little girl named Lily. She liked to play with a big ball in the park."
+    qas = [{"id": f"q{i}", "question": f"What is thing {i}?", "answers": [{"text": a, "answer_start": 0}]}
+           for i, a in enumerate(STORY_ANSWERS)]
+    path = tmp_path / "story_squad.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    return [f"eval.squad.path={path}", "eval.squad.every_steps=2", "eval.squad.batch_size=3",
+            "eval.squad.max_new_tokens=6"]
+
+
+def squad_curve(run_dir):
+    return [(r["step"], r["squad_em"], r["squad_f1"]) for r in read_metrics(run_dir) if "squad_f1" in r]
+
+
+def assert_same_squad_scores(got, want):
+    """The (step, EM, F1) rows at steps 0, 2 and 3 are equal, and not all zero."""
+    expected = squad_curve(want)
+    assert [s for s, _, _ in expected] == [0, 2, 3] and any(f1 > 0 for _, _, f1 in expected), expected
+    assert squad_curve(got) == expected
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_ddp_and_fsdp2_match_one_process(tiny_recipe, tmp_path, method):
+    """Every variant gives the single process's losses, gradient norms, validation losses, SQuAD scores (answered
+    during training at steps 0, 2 and 3: the ranks answer alternate batches and gather the answers) and final
+    logits."""
     # one Adam kernel on every side: FSDP2's DTensor shards take the foreach path, which rounds unlike fused
     same_kernel = ["train.optimizer.fused=false"]
     # 9 validation examples: the two ranks hold 5 and 4, i.e. 2 and 1 batches, so one rank pads with a label-free
@@ -57,7 +86,15 @@ def test_ddp_and_fsdp2_match_one_process(tiny_recipe, tmp_path, method):
     # after forwards without backward: full fine-tuning trains the root unit's weights (embeddings, final norm)
     validation = [f"data.validation.path={SQUAD_DEV}", "data.validation.format=squad", "data.validation.limit=9",
                   "train.val_every_steps=2"]
-    extra = same_kernel + validation + (["peft=null", "train.optimizer.lr=0.0005"] if method == "full" else [])
+    squad = squad_options(tmp_path)
+    if method == "full":
+        # Every FSDP2 forward all-gathers weight shards, so the ranks generate in lockstep. Batches of 4 give rank 0
+        # two batches and rank 1 one (it pads with a batch whose answers are dropped), and 24 new tokens let answers
+        # end at their newline at different steps: without the padding or transformers' synced_gpus the ranks'
+        # collectives fall out of step. Full fine-tuning trains the root unit's weights, which generating leaves
+        # gathered: unless they are resharded, the gradient clipping misses their gradients (the grad norms differ).
+        squad += ["eval.squad.batch_size=4", "eval.squad.max_new_tokens=24"]
+    extra = same_kernel + validation + squad + (["peft=null", "train.optimizer.lr=0.0005"] if method == "full" else [])
     run(tiny_recipe, tmp_path, "one", *extra)
     want = final_logits(tmp_path / "one/final", method == "lora")
     variants = {"ddp": ["distributed.strategy=ddp"], "fsdp2": ["distributed.strategy=fsdp2"]}
@@ -68,6 +105,7 @@ def test_ddp_and_fsdp2_match_one_process(tiny_recipe, tmp_path, method):
         out = run(tiny_recipe, tmp_path, name, *extra, *options, nproc=2)
         assert f"x 2 process(es) [{'ddp' if name == 'ddp' else 'fsdp2'}]" in out.stdout
         assert_same_curve(read_metrics(tmp_path / name), read_metrics(tmp_path / "one"))
+        assert_same_squad_scores(tmp_path / name, tmp_path / "one")
         got = final_logits(tmp_path / name / "final", method == "lora")
         assert torch.allclose(got, want, atol=1e-5), (name, (got - want).abs().max())
 
@@ -111,54 +149,3 @@ def test_six_consecutive_two_process_runs_exit_cleanly(tiny_recipe, tmp_path):
         # the first lines hold the failing rank's own error, the last torchrun's summary
         assert proc.returncode == 0, (i, strategy, proc.stderr[:4000], proc.stderr[-1500:])
         assert "SIGABRT" not in proc.stderr and "Traceback" not in proc.stderr
-
-
-STORY_ANSWERS = ["Can you help", "I'm sorry", "you", "Can", "Lily", "I'm", "help me", "sorry", "a ball", "Can you"]
-
-
-def squad_options(tmp_path):
-    """Questions whose gold answers are words the story model likes to write ('"I'm sorry', 'Can you help'), so
-    its F1 is not zero (10 questions, in batches of 3: ranks 0 and 1 answer two batches each)."""
-    context = "Once upon a time there was a little girl named Lily. She liked to play with a big ball in the park."
-    qas = [{"id": f"q{i}", "question": f"What is thing {i}?", "answers": [{"text": a, "answer_start": 0}]}
-           for i, a in enumerate(STORY_ANSWERS)]
-    path = tmp_path / "story_squad.json"
-    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}))
-    return [f"eval.squad.path={path}", "eval.squad.every_steps=2", "eval.squad.batch_size=3",
-            "eval.squad.max_new_tokens=6"]
-
-
-def squad_curve(run_dir):
-    return [(r["step"], r["squad_em"], r["squad_f1"]) for r in read_metrics(run_dir) if "squad_f1" in r]
-
-
-def assert_same_squad_scores(got, want):
-    """The (step, EM, F1) rows at steps 0, 2 and 3 are equal, and not all zero."""
-    expected = squad_curve(want)
-    assert [s for s, _, _ in expected] == [0, 2, 3] and any(f1 > 0 for _, _, f1 in expected), expected
-    assert squad_curve(got) == expected
-
-
-def test_squad_during_ddp_training_gives_the_one_process_scores(tiny_recipe, tmp_path):
-    """The ranks answer alternate batches of the questions and gather the answers: the scores at steps 0, 2 and 3
-    are the single process's."""
-    squad = squad_options(tmp_path)
-    run(tiny_recipe, tmp_path, "one", *squad)
-    run(tiny_recipe, tmp_path, "two", *squad, "distributed.strategy=ddp", nproc=2)
-    assert_same_squad_scores(tmp_path / "two", tmp_path / "one")
-
-
-def test_squad_during_fsdp2_training_gives_the_one_process_scores(tiny_recipe, tmp_path):
-    """Every FSDP2 forward all-gathers weight shards, so the ranks generate in lockstep. Batches of 4 give rank 0
-    two batches and rank 1 one (it pads with a batch whose answers are dropped), and 24 new tokens let answers end
-    at their newline at different steps: without the padding or transformers' synced_gpus the ranks' collectives
-    fall out of step. Full fine-tuning trains the root unit's weights, which generating leaves gathered: unless
-    they are resharded, the gradient clipping misses their gradients (the grad norms differ)."""
-    squad = squad_options(tmp_path) + ["eval.squad.batch_size=4", "eval.squad.max_new_tokens=24"]
-    extra = ["peft=null", "train.optimizer.lr=0.0005", "train.optimizer.fused=false"]  # one Adam kernel, as above
-    run(tiny_recipe, tmp_path, "one", *squad, *extra)
-    out = run(tiny_recipe, tmp_path, "two", *squad, *extra, "distributed.strategy=fsdp2", nproc=2)
-    assert "x 2 process(es) [fsdp2]" in out.stdout
-    assert_same_squad_scores(tmp_path / "two", tmp_path / "one")
-    norms = lambda run_dir: [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]  # noqa: E731
-    assert norms(tmp_path / "two") == pytest.approx(norms(tmp_path / "one"), rel=1e-5)

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES, run_cli, tiny_overrides
+from tests.conftest import SQUAD_DEV, SQUAD_TRAIN, STORIES, cli_in_process, run_cli, tiny_overrides
 from tuneforge.config import load_config
 from tuneforge.data import IGNORE, load_records
 from tuneforge.data.tokenize import chat_prompts_for, fit_chat_records, tokenize_chat
@@ -63,13 +63,13 @@ def test_a_chat_run_trains_scores_and_shows_examples_through_its_chat_template(t
                             "data.validation.format=squad", "data.validation.limit=4"))
     recorded = yaml.safe_load((tmp_path / "chat/config.yaml").read_text())["data"]
     assert recorded["prompt_style"] == "chat" and recorded["chat_template"] == CHATML
-    result = json.loads(run_cli("eval", "--run", str(tmp_path / "chat"), "--limit", "3").stdout.strip().splitlines()[-1])
+    result = json.loads(cli_in_process("eval", "--run", str(tmp_path / "chat"), "--limit", "3").strip().splitlines()[-1])
     assert result["squad_prompt"] == "chat" and result["squad_questions"] == 3
-    base = json.loads(run_cli("eval", "--run", str(tmp_path / "chat"), "--base", "--limit", "3",
-                              "data.prompt_style=plain", "data.system_prompt=null").stdout.strip().splitlines()[-1])
+    base = json.loads(cli_in_process("eval", "--run", str(tmp_path / "chat"), "--base", "--limit", "3",
+                                     "data.prompt_style=plain", "data.system_prompt=null").strip().splitlines()[-1])
     assert base["squad_prompt"] == "plain"
-    shown = run_cli("generate", "--run", str(tmp_path / "chat"), "--examples", "2", "--max-new-tokens", "4")
-    assert shown.stdout.count("Q: ") == 2
+    shown = cli_in_process("generate", "--run", str(tmp_path / "chat"), "--examples", "2", "--max-new-tokens", "4")
+    assert shown.count("Q: ") == 2
 
 
 def test_chat_prompts_are_refused_for_formats_without_a_prompt():

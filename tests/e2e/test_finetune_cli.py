@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import SQUAD_DEV, STORIES, read_metrics, run_cli, tiny_overrides, train_losses
+from tests.conftest import SQUAD_DEV, STORIES, cli_in_process, read_metrics, run_cli, tiny_overrides, train_losses
 
 
 def finetune(recipe, tmp_path, name, *extra, check=True):
@@ -107,11 +107,11 @@ def test_generate_prints_the_models_greedy_continuation(tiny_recipe, tmp_path):
     out = run_cli("generate", "--run", str(tmp_path / "gen"), "--prompt", prompt, "--max-new-tokens", "12")
     model, tok, _ = load_run_model(tmp_path / "gen")
     assert out.stdout.strip() == generate(model, tok, [prompt], 12)[0].strip()
-    base = run_cli("generate", "--run", str(tmp_path / "gen"), "--prompt", "Once upon a time", "--base",
-                   "--max-new-tokens", "8")
-    assert base.stdout.startswith(", there was a little")  # the pretrained model's own greedy story
-    shown = run_cli("generate", "--run", str(tmp_path / "gen"), "--examples", "2", "--max-new-tokens", "4")
-    assert shown.stdout.count("Q: ") == 2 and "reference:" in shown.stdout
+    base = cli_in_process("generate", "--run", str(tmp_path / "gen"), "--prompt", "Once upon a time", "--base",
+                          "--max-new-tokens", "8")
+    assert base.startswith(", there was a little")  # the pretrained model's own greedy story
+    shown = cli_in_process("generate", "--run", str(tmp_path / "gen"), "--examples", "2", "--max-new-tokens", "4")
+    assert shown.count("Q: ") == 2 and "reference:" in shown
 
 
 def test_existing_run_is_not_overwritten(tiny_recipe, tmp_path):

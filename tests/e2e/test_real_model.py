@@ -4,7 +4,6 @@ One short run per session, through the shipped recipe: the GGUF file is dequanti
 LoRA steps train on it, and every later path takes that one run: the adapter loads in plain peft on that base with
 tuneforge's own logits, `generate --input` and `serve` (through the openai client) give the same greedy answer,
 `merge` and `export --format vllm` write models with the adapter's logits, and `report` draws the run."""
-import contextlib
 import copy
 import io
 import json
@@ -19,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, SQUAD_DEV, read_metrics, run_cli
+from tests.conftest import REPO, SQUAD_DEV, cli_in_process, read_metrics, run_cli
 from tests.e2e.test_eval_cli import report_images
 
 SMOLLM2 = REPO / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -228,16 +227,6 @@ def test_model_card_names_the_gguf_file_not_the_local_cache(smollm2_run):
             "`b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53`, dequantized to fp32 by tuneforge)"
             ) in card, card
     assert "base_model:" not in card.split("---")[1]  # a local base links to no Hub page
-
-
-def cli_in_process(*argv: str) -> str:
-    """The command line's stdout, run in this process (the model modules are loaded already: no start-up cost)."""
-    from tuneforge import cli
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert cli.main(list(argv)) == 0
-    return printed.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,13 @@ def test_consecutive_non_finite_steps_abort(tiny_recipe, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in newest.values())
 
 
-FP32_STEPS = ["train.max_steps=24", "data.train.limit=48", "data.seq_length=128"]
+FP32_STEPS = ["train.max_steps=16", "data.train.limit=48", "data.seq_length=128"]
 # bf16 autocast (slow on CPUs without bf16 matmuls: shorter), validating often so that kills also land there
 BF16_STEPS = ["model.dtype=bfloat16", "train.max_steps=10", "data.train.limit=24", "data.seq_length=96",
               "train.val_every_steps=2", f"data.validation={{path: {SQUAD_DEV}, format: squad, limit: 4}}"]
 
 
-@pytest.mark.parametrize("steps,moments", [(FP32_STEPS, ["write", "any", "any"] * 3 + ["any"]),
+@pytest.mark.parametrize("steps,moments", [(FP32_STEPS, ["write", "any", "any"] * 2),
                                            (BF16_STEPS, ["write", "training", "write"])], ids=["fp32", "bf16"])
 @pytest.mark.precision
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_recipe, tmp_path, steps, moments):
