@@ -146,6 +146,14 @@ def machine_has_bf16() -> bool:
     return resolve_precision("auto", "cpu").autocast is not None
 
 
+def trl_version() -> str:
+    try:
+        import trl
+    except ImportError:
+        return "not installed"
+    return trl.__version__
+
+
 def measure_peak(shape: dict, dtype_name: str) -> dict:
     import torch
 
@@ -334,16 +342,11 @@ def main() -> None:
             result = summarize(side, run_side(side, work, steps), per_token, per_label, peak["peak_flops"])
             if side not in results or result["tokens_per_s"] > results[side]["tokens_per_s"]:
                 results[side] = result
-    try:
-        import trl
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = "not installed"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"\n{data['examples']} SQuAD examples ({data['source']}), {args.steps} steps; CPU ISA {isa}, bf16 matmuls "
           f"{'yes' if bf16 else 'no'}; {peak['dtype']} matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s; python "
           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, trl "
-          f"{trl_version}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"{trl_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print("| side | steps | real tokens/s | step s | real tokens/step | peak RSS GiB | MFU | loss (last 4 steps) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results.values():
