@@ -49,6 +49,27 @@ def test_disabled_adapters_and_bf16_autocast_follow_peft():
     assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_input_under_autocast_reaches_lora_a_uncast_with_peft_gradients():
+    """Under bf16 autocast the second layer's input is already bf16: it goes to lora_A as it is (peft casts it to the
+    adapter's fp32, and autocast straight back), with peft's gradients to bf16 precision."""
+    peft_model = two_layer_lora()
+    ours = copy.deepcopy(peft_model)
+    use_in_place_lora_forward(ours)
+    x = torch.randn(6, 8)
+    seen, runs = [], []
+    for model in (peft_model, ours):
+        hook = model.base_model.model[2].lora_A["default"].register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            runs.append(grads_of(model, x))
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    (want, want_grads), (got, got_grads) = runs
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 4
+    for name in want_grads:
+        assert torch.allclose(want_grads[name], got_grads[name], rtol=3e-2, atol=3e-2 * want_grads[name].abs().max())
+
+
 @pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_bias": True}])
 def test_lora_variants_keep_peft_forward(lora):
     model = two_layer_lora(**lora)

@@ -45,8 +45,8 @@ class ModelConfig:
     packed_attention: Literal["per_example", "block_mask"] = doc(
         "data.batching=packing with sdpa: per_example = causal attention within each example's own block of the row "
         "(no row-wide mask, no scores across examples); block_mask = transformers' sdpa over the whole row under a "
-        "block-diagonal mask. Same values; flash_attention_2 is per example by itself; with train.compile the "
-        "compiled layers keep block_mask", "per_example")
+        "block-diagonal mask. Same values (bf16: to bf16 rounding); flash_attention_2 is per example by itself; with "
+        "train.compile the compiled layers keep block_mask", "per_example")
     trust_remote_code: bool = doc("run model code shipped with the checkpoint (only for sources you trust)", False)
     revision: Optional[str] = doc("Hub revision (branch, tag or commit) when name_or_path is a Hub id", None)
     quantization: Optional[QuantizationConfig] = doc(

@@ -10,7 +10,15 @@ It is a drop-in for sdpa everywhere else: the mask function returns no mask only
 no cache offset and no sliding window, and the attention then reads the example blocks from position_ids (one block
 when they do not restart, i.e. plain causal attention); every other call (generation with a cache, padded batches)
 goes to transformers' own sdpa with its own mask. Activation checkpointing recomputes the same way, since the
-position_ids come with the layer's inputs."""
+position_ids come with the layer's inputs.
+
+On CPU in bf16 (or fp16) every example block of a micro-batch goes through one autograd node,
+PackedCausalAttention, rather than one sdpa call per block with slices and concatenations around it. It is our own
+code because it measures faster (benchmarks/bench_attention.py, RESULTS.md): each block's gradients are written
+straight into the batch's gradient tensors, with no per-block slice and cat nodes to undo, and blocks up to
+MATMUL_MAX_TOKENS tokens go through three batched matmuls and a softmax of fp32 scores, as transformers' eager
+attention computes them, without repeating the grouped key/value heads. At those lengths the CPU flash kernel's bf16
+backward is slow; longer blocks go to that kernel. fp32 keeps one sdpa call per block."""
 from __future__ import annotations
 
 import torch
@@ -44,15 +52,105 @@ def per_example_attention(module, query, key, value, attention_mask, dropout: fl
     if attention_mask is not None or position_ids is None or query.size(2) != key.size(2) or query.size(2) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    blocks = example_blocks(position_ids, query.size(0))
+    scale = scaling if scaling is not None else query.size(-1) ** -0.5
+    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    if query.device.type == "cpu" and low in _REDUCED and not dropout and query.size(1) % key.size(1) == 0:
+        # autocast would cast sdpa's inputs the same way (q and k leave rotary in fp32)
+        query, key, value = (t.to(low) for t in (query, key, value))
+        return PackedCausalAttention.apply(query, key, value, blocks, scale, MATMUL_MAX_TOKENS), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
-    for r, blocks in enumerate(example_blocks(position_ids, query.size(0))):
+    for r, row in enumerate(blocks):
         q, k, v = query[r:r + 1], key[r:r + 1], value[r:r + 1]
         rows.append(torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
                                                               dropout_p=dropout, scale=scaling, is_causal=True)
-                               for s, e in blocks], dim=2))
+                               for s, e in row], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+# bf16 / fp16 blocks up to this length take the matmul path: 2.4-2.5x the CPU flash kernel's forward + backward at
+# 96-128 tokens, 1.3x at 384, 0.86x at 512 (bench_attention.py's sweep). Its probabilities, kept for backward, cost
+# heads x n^2 x 2 bytes a block (2.6 MiB at 384 tokens and 9 heads). In fp32 the flash kernel is as fast or faster,
+# and fp32 packed rows keep one sdpa call per block: PackedCausalAttention with only its flash path measured 2-4%
+# slower end to end on the quickstart on AVX2, though faster alone
+MATMUL_MAX_TOKENS = 384
+_REDUCED = (torch.bfloat16, torch.float16)
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _causal_probs(query, key, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) under a causal mask, the scores in fp32: query (kv_heads, groups * n, d) with each kv
+    head's query heads stacked, key (kv_heads, n, d) -> (kv_heads, groups * n, n) in the query's dtype."""
+    n = key.size(1)
+    scores = torch.bmm(query, key.transpose(1, 2)).float().mul_(scale).view(key.size(0), -1, n, n)
+    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1), float("-inf"))
+    return torch.softmax(scores, dim=-1).view(key.size(0), -1, n).to(query.dtype)
+
+
+class PackedCausalAttention(torch.autograd.Function):
+    """Causal attention within each (start, end) block of each row, on CPU: query (b, heads, L, d), key / value
+    (b, kv_heads, L, d), every position of a row inside one block -> (b, L, heads, d), the layout transformers'
+    attention functions return. Per block: the matmul path (keeps the block's probabilities for backward) up to
+    `matmul_max_tokens` tokens, else aten's CPU flash kernel (keeps its output and log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, blocks, scale: float, matmul_max_tokens: int):
+        heads, d = query.size(1), query.size(3)
+        kv_heads = key.size(1)
+        groups = heads // kv_heads
+        out = query.new_empty(query.size(0), query.size(2), heads, d)
+        saved = []
+        for r, row in enumerate(blocks):
+            for s, e in row:
+                n = e - s
+                if n <= matmul_max_tokens:
+                    probs = _causal_probs(query[r, :, s:e].reshape(kv_heads, groups * n, d), key[r, :, s:e], scale)
+                    out[r, s:e] = torch.bmm(probs, value[r, :, s:e]).view(heads, n, d).transpose(0, 1)
+                    saved.append(probs)
+                else:
+                    k = key[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
+                    v = value[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
+                    o, lse = _flash_forward(query[r:r + 1, :, s:e], k, v, 0.0, True, scale=scale)
+                    out[r, s:e] = o[0].transpose(0, 1)
+                    saved.append((o, lse))
+        ctx.save_for_backward(query, key, value)
+        ctx.blocks, ctx.per_block, ctx.scale = blocks, saved, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        heads, d = query.size(1), query.size(3)
+        kv_heads = key.size(1)
+        groups, scale = heads // kv_heads, ctx.scale
+        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        per_block = iter(ctx.per_block)
+        for r, row in enumerate(ctx.blocks):
+            for s, e in row:
+                n, kept = e - s, next(per_block)
+                if isinstance(kept, torch.Tensor):  # the matmul path: dS = P * (dP - rowsum(P * dP))
+                    probs, k, v = kept, key[r, :, s:e], value[r, :, s:e]
+                    q = query[r, :, s:e].reshape(kv_heads, groups * n, d)
+                    g = grad_out[r, s:e].transpose(0, 1).reshape(kv_heads, groups * n, d)
+                    grad_v[r, :, s:e] = torch.bmm(probs.transpose(1, 2), g)
+                    dp = torch.bmm(g, v.transpose(1, 2)).float()
+                    p = probs.float()
+                    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale).to(query.dtype)
+                    grad_q[r, :, s:e] = torch.bmm(ds, k).view(heads, n, d)
+                    grad_k[r, :, s:e] = torch.bmm(ds.transpose(1, 2), q)
+                else:
+                    o, lse = kept
+                    k = key[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
+                    v = value[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
+                    gq, gk, gv = _flash_backward(grad_out[r:r + 1, s:e].transpose(1, 2), query[r:r + 1, :, s:e], k,
+                                                 v, o, lse, 0.0, True, scale=scale)
+                    grad_q[r, :, s:e] = gq[0]
+                    grad_k[r, :, s:e] = gk[0].view(kv_heads, groups, n, d).sum(1)
+                    grad_v[r, :, s:e] = gv[0].view(kv_heads, groups, n, d).sum(1)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def _per_example_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -62,16 +62,18 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
         step = chunk if chunk > 0 else max(1, hidden.size(0))
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        matrix = weight.to(dtype)  # once for every chunk and both products (a vocab x hidden copy under autocast)
         for start in range(0, hidden.size(0), step):
             h, t = hidden[start:start + step], targets[start:start + step]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h.to(dtype), matrix, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             grad[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad = grad.to(torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type)
-                           else h.dtype)
-            grad_hidden[start:start + step] = grad @ weight.to(grad.dtype)
+            grad = grad.to(dtype)
+            grad_hidden[start:start + step] = grad @ matrix
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h.to(grad.dtype)).float()
             if grad_bias is not None:

@@ -26,7 +26,12 @@ def _in_place_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return Linear.forward(self, x, *args, **kwargs)
     name = active[0]
     result = self.base_layer(x)
-    down = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+    device = x.device.type
+    if not (torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device)):
+        x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+    # else x is already what autocast gives lora_A: peft's cast to the adapter's fp32 would be undone at once
+    # (two copies of x each way, for the same values and gradients)
+    down = self.lora_A[name](self.lora_dropout[name](x))
     flat = result.view(-1, result.size(-1))
     flat.addmm_(down.reshape(-1, down.size(-1)).to(flat.dtype), self.lora_B[name].weight.t().to(flat.dtype),
                 alpha=self.scaling[name])
