@@ -16,10 +16,13 @@ On CPU in bf16 (or fp16) every example block of a micro-batch goes through one a
 PackedCausalAttention, rather than one sdpa call per block with slices and concatenations around it. It is our own
 code because it measures faster (benchmarks/bench_attention.py, RESULTS.md): each block's gradients are written
 straight into the batch's gradient tensors, with no per-block slice and cat nodes to undo, and blocks up to
-MATMUL_MAX_TOKENS tokens go through three batched matmuls and a softmax of fp32 scores, as transformers' eager
-attention computes them, without repeating the grouped key/value heads. At those lengths the CPU flash kernel's bf16
-backward is slow; longer blocks go to that kernel. fp32 keeps one sdpa call per block."""
+MATMUL_MAX_TOKENS tokens go through batched matmuls, without repeating the grouped key/value heads: one score matmul
+that carries the causal mask and the scale, CPU softmax (fp32 inside, rounded once, as eager attention's fp32 softmax
+and cast back), and softmax's own backward kernel. At those lengths the CPU flash kernel's bf16 backward is slow;
+longer blocks go to that kernel. fp32 keeps one sdpa call per block."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -70,24 +73,33 @@ def per_example_attention(module, query, key, value, attention_mask, dropout: fl
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-# bf16 / fp16 blocks up to this length take the matmul path: 2.4-2.5x the CPU flash kernel's forward + backward at
-# 96-128 tokens, 1.3x at 384, 0.86x at 512 (bench_attention.py's sweep). Its probabilities, kept for backward, cost
-# heads x n^2 x 2 bytes a block (2.6 MiB at 384 tokens and 9 heads). In fp32 the flash kernel is as fast or faster,
-# and fp32 packed rows keep one sdpa call per block: PackedCausalAttention with only its flash path measured 2-4%
-# slower end to end on the quickstart on AVX2, though faster alone
-MATMUL_MAX_TOKENS = 384
+# bf16 / fp16 blocks up to this length take the matmul path: 2.2-3.3x the CPU flash kernel's forward + backward at
+# 96-256 tokens, 1.7x at 512, still 1.3x at 768 (bench_attention.py's sweep). The limit bounds the probabilities it
+# keeps for backward, heads x n^2 x 2 bytes a block: 4.5 MiB at 512 tokens and 9 heads. In fp32 the flash kernel is
+# as fast or faster, and fp32 packed rows keep one sdpa call per block: PackedCausalAttention measured 2-5% slower
+# end to end on the quickstart on AVX2 (with only its flash path, and with matmuls up to 192 tokens), though faster
+# alone
+MATMUL_MAX_TOKENS = 512
 _REDUCED = (torch.bfloat16, torch.float16)
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(groups * n, n): 0 on and below the diagonal of each stacked (n, n) block, -inf above it. Cached: a
+    micro-batch's block lengths (~16 for 4 rows of ~130-token examples) recur in every layer, forward."""
+    return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
+
+
 def _causal_probs(query, key, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) under a causal mask, the scores in fp32: query (kv_heads, groups * n, d) with each kv
-    head's query heads stacked, key (kv_heads, n, d) -> (kv_heads, groups * n, n) in the query's dtype."""
+    """softmax(q k^T * scale) under a causal mask: query (kv_heads, groups * n, d) with each kv head's query heads
+    stacked, key (kv_heads, n, d) -> (kv_heads, groups * n, n) in the query's dtype. The mask and scale ride on the
+    score matmul (one baddbmm), and CPU softmax computes in fp32 inside and rounds once, as eager attention's
+    fp32 softmax and cast back do."""
     n = key.size(1)
-    scores = torch.bmm(query, key.transpose(1, 2)).float().mul_(scale).view(key.size(0), -1, n, n)
-    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1), float("-inf"))
-    return torch.softmax(scores, dim=-1).view(key.size(0), -1, n).to(query.dtype)
+    bias = _causal_bias(n, query.size(1) // n, query.dtype, query.device)
+    return torch.softmax(torch.baddbmm(bias, query, key.transpose(1, 2), alpha=scale), dim=-1)
 
 
 class PackedCausalAttention(torch.autograd.Function):
@@ -136,11 +148,10 @@ class PackedCausalAttention(torch.autograd.Function):
                     q = query[r, :, s:e].reshape(kv_heads, groups * n, d)
                     g = grad_out[r, s:e].transpose(0, 1).reshape(kv_heads, groups * n, d)
                     grad_v[r, :, s:e] = torch.bmm(probs.transpose(1, 2), g)
-                    dp = torch.bmm(g, v.transpose(1, 2)).float()
-                    p = probs.float()
-                    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale).to(query.dtype)
-                    grad_q[r, :, s:e] = torch.bmm(ds, k).view(heads, n, d)
-                    grad_k[r, :, s:e] = torch.bmm(ds.transpose(1, 2), q)
+                    # softmax's own backward kernel: one pass, fp32 inside; the scale goes on the (n, d) products
+                    ds = torch._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), probs, -1, probs.dtype)
+                    grad_q[r, :, s:e] = torch.bmm(ds, k).mul_(scale).view(heads, n, d)
+                    grad_k[r, :, s:e] = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
                 else:
                     o, lse = kept
                     k = key[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
