@@ -80,3 +80,40 @@ def test_lora_variants_keep_peft_forward(lora):
         for m in reference.modules():
             m.__dict__.pop("forward", None)  # peft's own forward again
         assert torch.equal(model(x), reference(x))
+
+
+def graph_nodes(tensor) -> set[str]:
+    seen, todo, names = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_fp32_input_under_autocast_is_cast_once_and_updated_without_a_view():
+    """The first layer's fp32 input is cast to bf16 once, for the base product and lora_A alike (autocast would cast
+    it for each), and the update lands in the base output itself, not in a view of it: autograd's backward then
+    needs no CopySlices (three output-sized copies). Outputs and gradients are peft's to bf16 precision."""
+    peft_model = two_layer_lora()
+    ours = copy.deepcopy(peft_model)
+    use_in_place_lora_forward(ours)
+    layer = ours.base_model.model[0]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+             for m in (layer.base_layer, layer.lora_A["default"])]
+    x = torch.randn(3, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (want, want_grads), (got, got_grads) = grads_of(peft_model, x), grads_of(ours, x)
+        out = ours(x)
+    for hook in hooks:
+        hook.remove()
+    assert inputs[0] is inputs[1] and inputs[0].dtype == torch.bfloat16 and inputs[0].shape == (15, 8)
+    assert got.shape == want.shape == (3, 5, 4) and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert "CopySlices" not in graph_nodes(out) and "AddmmBackward0" in graph_nodes(out)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 4
+    for name in want_grads:
+        assert torch.allclose(want_grads[name], got_grads[name], rtol=3e-2, atol=3e-2 * want_grads[name].abs().max())
