@@ -117,3 +117,76 @@ def test_fp32_input_under_autocast_is_cast_once_and_updated_without_a_view():
     assert want_grads.keys() == got_grads.keys() and len(want_grads) == 4
     for name in want_grads:
         assert torch.allclose(want_grads[name], got_grads[name], rtol=3e-2, atol=3e-2 * want_grads[name].abs().max())
+
+
+class Attention(torch.nn.Module):
+    """q, k and v read one input, o another one of the same width, as in a decoder layer's attention block."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(8, n, bias=False) for n in (4, 2, 2, 8))
+
+    def forward(self, x, k_input=None, scale_after_q=False):
+        q = self.q(x)
+        if scale_after_q:
+            x.mul_(1.5)  # the same tensor object, changed in place (its version counter tells)
+        h = torch.cat([q, self.k(x if k_input is None else k_input), self.v(x)], dim=-1)
+        return self.o(torch.tanh(h))
+
+
+def attention_lora():
+    torch.manual_seed(0)
+    return get_peft_model(torch.nn.Sequential(Attention()), LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q", "k", "v", "o"], init_lora_weights=False))
+
+
+def lora_a_calls(model) -> list[str]:
+    """The names of the lora_A modules called on their own, in order, from now on."""
+    calls = []
+    for name in "qkvo":
+        module = getattr(model.base_model.model[0], name).lora_A["default"]
+        module.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+    return calls
+
+
+def test_layers_called_with_one_input_share_one_down_projection():
+    """q's call makes the down-projections of q, k, v and o in one product: k and v take theirs, o reads another
+    tensor and computes its own (the only lora_A module called). Values and gradients are peft's, also when k is fed
+    another tensor or the input is changed in place after q's call (k and v then compute theirs again)."""
+    peft_model = attention_lora()
+    ours = copy.deepcopy(peft_model)
+    assert use_in_place_lora_forward(ours) == 4
+    calls = lora_a_calls(ours)
+    x = torch.randn(3, 5, 8)
+    (want, want_grads), (got, got_grads) = grads_of(peft_model, x), grads_of(ours, x)
+    assert calls == ["o"]
+    assert torch.allclose(want, got, rtol=1e-5, atol=1e-6)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 8
+    for name in want_grads:
+        assert torch.allclose(want_grads[name], got_grads[name], rtol=1e-4, atol=1e-6), name
+    block, reference = ours.base_model.model[0], peft_model.base_model.model[0]
+    with torch.no_grad():
+        for kwargs in ({"k_input": x.flip(0)}, {"scale_after_q": True}):
+            x_ours = x.clone()
+            want, got = reference(x, **kwargs), block(x_ours, **kwargs)
+            assert torch.allclose(want, got, rtol=1e-5, atol=1e-6), kwargs
+            assert block.q._tuneforge_siblings.pending is None
+
+
+def test_shared_input_is_cast_once_under_autocast_and_nothing_is_kept_after_the_call():
+    peft_model = attention_lora()
+    ours = copy.deepcopy(peft_model)
+    use_in_place_lora_forward(ours)
+    block = ours.base_model.model[0]
+    inputs = []
+    for name in "qkv":
+        getattr(block, name).base_layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    x = torch.randn(3, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (want, want_grads), (got, got_grads) = grads_of(peft_model, x), grads_of(ours, x)
+    assert len(inputs) == 3 and inputs[0].dtype == torch.bfloat16 and inputs[0] is inputs[1] is inputs[2]
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for name in want_grads:
+        assert torch.allclose(want_grads[name], got_grads[name], rtol=3e-2, atol=3e-2 * want_grads[name].abs().max())
+    siblings = block.q._tuneforge_siblings
+    assert siblings is block.o._tuneforge_siblings and siblings.pending is None
