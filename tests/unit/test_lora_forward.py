@@ -190,3 +190,18 @@ def test_shared_input_is_cast_once_under_autocast_and_nothing_is_kept_after_the_
         assert torch.allclose(want_grads[name], got_grads[name], rtol=3e-2, atol=3e-2 * want_grads[name].abs().max())
     siblings = block.q._tuneforge_siblings
     assert siblings is block.o._tuneforge_siblings and siblings.pending is None
+
+
+def test_bf16_base_without_autocast_feeds_the_fp32_adapters_an_fp32_input():
+    """A bf16 base with fp32 adapters and no autocast (peft casts lora_A's input to the adapter's dtype): the shared
+    product does the same, and the output is peft's to bf16 precision (one rounding of the sum instead of three)."""
+    peft_model = attention_lora()
+    for name in "qkvo":
+        getattr(peft_model.base_model.model[0], name).base_layer.to(torch.bfloat16)
+    ours = copy.deepcopy(peft_model)
+    use_in_place_lora_forward(ours)
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, got = peft_model(x), ours(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max())

@@ -60,7 +60,8 @@ class _Siblings:
         if len(members) == 1 or not _shares_down(layer, flat):
             return flat, None
         weights = [m.lora_A[_adapter(m)].weight for m in members]
-        downs = torch.nn.functional.linear(flat, torch.cat(weights)).split([w.size(0) for w in weights], dim=1)
+        downs = torch.nn.functional.linear(_lora_input(layer, flat, autocast, weights[0].dtype), torch.cat(weights))
+        downs = downs.split([w.size(0) for w in weights], dim=1)
         self.pending = (x, x._version, key, flat, {id(m): d for m, d in zip(members[1:], downs[1:])})
         return flat, downs[0]
 
@@ -73,6 +74,12 @@ def _flat_input(x: torch.Tensor, autocast) -> torch.Tensor:
     if autocast is not None and x.dtype == torch.float32:
         x = x.to(autocast)  # once for the base product and lora_A: autocast would cast x for each of them
     return x.reshape(-1, x.size(-1))
+
+
+def _lora_input(layer, flat: torch.Tensor, autocast, dtype: torch.dtype) -> torch.Tensor:
+    # an input already in the autocast dtype goes to lora_A as it is: peft's cast to the adapter's fp32 would be
+    # undone at once (two copies of x each way, for the same values and gradients)
+    return flat if flat.dtype == autocast else layer._cast_input_dtype(flat, dtype)
 
 
 def _adapter(layer) -> str | None:
@@ -107,9 +114,7 @@ def _in_place_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = self.base_layer(flat)  # 2-d: updated in place below, it is no view (a view's in-place update costs
     # autograd three copies of the output in backward: CopySlices)
     if down is None:
-        lora_x = flat if flat.dtype == autocast else self._cast_input_dtype(flat, self.lora_A[name].weight.dtype)
-        # an input already in the autocast dtype goes to lora_A as it is: peft's cast to the adapter's fp32 would be
-        # undone at once (two copies of x each way, for the same values and gradients)
+        lora_x = _lora_input(self, flat, autocast, self.lora_A[name].weight.dtype)
         down = self.lora_A[name](self.lora_dropout[name](lora_x))
     result.addmm_(down.to(result.dtype), self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
     return result.view(*x.shape[:-1], result.size(-1))
