@@ -55,9 +55,10 @@ class _Siblings:
                 self.pending = None
             return flat, down
         flat = _flat_input(x, autocast)
-        later = self.layers[self.layers.index(layer) + 1:]
-        members = [layer] + [m for m in later if _shares_down(m, flat)]
-        if len(members) == 1 or not _shares_down(layer, flat):
+        if not _shares_down(layer, flat):
+            return flat, None
+        members = [layer] + [m for m in self.layers[self.layers.index(layer) + 1:] if _shares_down(m, flat)]
+        if len(members) == 1:
             return flat, None
         weights = [m.lora_A[_adapter(m)].weight for m in members]
         downs = torch.nn.functional.linear(_lora_input(layer, flat, autocast, weights[0].dtype), torch.cat(weights))
