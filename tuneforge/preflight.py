@@ -17,6 +17,7 @@ from tuneforge.config.rules import check_world
 from tuneforge.config.rules.kind import check_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError, first_line
+from tuneforge.models.backend import AttentionChoice, choose_attention
 from tuneforge.models.kind import resolve_kind
 
 log = logging.getLogger("tuneforge")
@@ -27,6 +28,7 @@ class Preflight:
     """What the pre-flight learned, which the run then goes by."""
     strategy: str  # single | ddp | fsdp2, for the process count it was run for
     kind: str  # causal_lm | seq2seq | sequence_classification (model.kind, auto resolved from config.json)
+    attention: AttentionChoice | None = None  # model.attn_implementation resolved for this architecture
 
 
 def preflight(cfg: Config, world_size: int = 1, warn: bool = True) -> Preflight:
@@ -39,9 +41,10 @@ def preflight(cfg: Config, world_size: int = 1, warn: bool = True) -> Preflight:
     kind = resolve_kind(cfg.model, config)
     check_architecture(cfg, config, kind)
     check_kind(cfg, kind)
+    attention = choose_attention(cfg.model, config, kind)  # an explicit backend the architecture lacks: refused here
     if warn:
         check_seq_length(cfg, config)
-    return Preflight(strategy, kind)
+    return Preflight(strategy, kind, attention)
 
 
 def check_wandb(cfg: Config) -> None:
@@ -72,6 +75,10 @@ def read_model_config(cfg: Config):
     try:
         return AutoConfig.from_pretrained(m.name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e) and not m.trust_remote_code:
+            raise UserError(f"model.trust_remote_code: '{m.name_or_path}' ships its own model code, which tuneforge "
+                            "does not run unless asked; set model.trust_remote_code=true if you trust its source "
+                            "(the code then runs in this process)") from None
         if hub_offline() and not Path(m.name_or_path).expanduser().exists():
             raise UserError(f"model.name_or_path: '{m.name_or_path}' is no local directory and is not in the Hub "
                             "cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it first (hf download) "

@@ -41,7 +41,9 @@ class ModelConfig:
         "autocast would cast them to, at half the memory and without re-casting them every step); float32 keeps "
         "them fp32", "auto")
     attn_implementation: Optional[str] = doc(
-        "attention backend passed to transformers (sdpa, eager, flash_attention_2)", "sdpa")
+        "attention backend: auto = flash_attention_2 on CUDA where flash-attn is installed and the architecture "
+        "supports it, else sdpa where the architecture has it, else the model's own (eager); or one that transformers "
+        "knows: sdpa, eager, flash_attention_2, flex_attention (refused where the architecture lacks it)", "auto")
     packed_attention: Literal["per_example", "block_mask"] = doc(
         "data.batching=packing with sdpa: per_example = causal attention within each example's own block of the row "
         "(no row-wide mask, no scores across examples); block_mask = transformers' sdpa over the whole row under a "

@@ -11,6 +11,7 @@ import torch
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import UserError
+from tuneforge.models.backend import choose_attention
 from tuneforge.models.classify import classifier_class
 from tuneforge.models.kind import auto_class, hub_kwargs, load_error, resolve_kind
 from tuneforge.models.quantize import avoid_unsupported_cpu_kernels, build_bnb_config
@@ -172,14 +173,13 @@ def load_model(cfg: ModelConfig, path: str | None = None, config=None):
     from transformers import AutoConfig
 
     kwargs = hub_kwargs(cfg)
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
         kwargs["quantization_config"] = build_bnb_config(cfg.quantization)  # Linear weights only; the rest fp32
     try:
         if config is None:
             config = AutoConfig.from_pretrained(path or cfg.name_or_path, **hub_kwargs(cfg))
         kind = resolve_kind(cfg, config)
+        kwargs.update(attention_kwargs(cfg, config, kind))
         model = model_class(kind, config).from_pretrained(path or cfg.name_or_path, config=config,
                                                           dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
@@ -196,8 +196,8 @@ def load_model_skeleton(cfg: ModelConfig, config=None):
     from transformers import AutoConfig
 
     config = config or AutoConfig.from_pretrained(cfg.name_or_path, **hub_kwargs(cfg))
-    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     kind = resolve_kind(cfg, config)
+    kwargs = attention_kwargs(cfg, config, kind)
     with torch.device("meta"):
         if kind == "sequence_classification":  # a concrete class: from_config is the Auto classes' spelling
             model = model_class(kind, config)._from_config(config, dtype=torch.float32, **kwargs)
@@ -206,6 +206,12 @@ def load_model_skeleton(cfg: ModelConfig, config=None):
                                                  trust_remote_code=cfg.trust_remote_code, **kwargs)
     model.config.use_cache = False
     return model
+
+
+def attention_kwargs(cfg: ModelConfig, config, kind: str) -> dict:
+    """from_pretrained's attn_implementation for model.attn_implementation (auto: what the architecture supports)."""
+    implementation = choose_attention(cfg, config, kind).implementation
+    return {"attn_implementation": implementation} if implementation else {}
 
 
 def count_parameters(model) -> tuple[int, int]:
