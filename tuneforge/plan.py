@@ -38,8 +38,9 @@ from tuneforge.config.rules.distributed import resolve_strategy
 from tuneforge.config.rules.preference import reference_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
+from tuneforge.models.head import split_parts
 from tuneforge.models.kind import resolve_kind
-from tuneforge.models.layers import decoder_layers, split_head
+from tuneforge.models.layers import decoder_layers
 from tuneforge.models.load import count_parameters, load_model_skeleton, resolve_precision, store_frozen_linears
 from tuneforge.peft import apply_finetuning
 
@@ -158,7 +159,7 @@ def trace_model(cfg: Config, autocast, strategy: str) -> TracedModel:
 
 def _saved_bytes(model, seq_length: int, autocast, fake_mode_cls) -> float:
     """Bytes autograd saves in the backbone's forward of one sequence, each storage once, parameters excluded."""
-    split = split_head(model)
+    split = split_parts(model)  # the skeleton has no weights to check it with: an estimate either way
     mode = fake_mode_cls(allow_non_fake_inputs=True)
     with mode:
         _fake_parameters(model)

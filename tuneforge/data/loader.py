@@ -5,9 +5,11 @@ Batching modes (data.batching):
   pad_to_max_length  the same, padded to seq_length (fixed shapes, e.g. for compiled models)
   group_by_length    examples of similar length share a micro-batch (less padding); the micro-batches are shuffled
   packing            several examples per row of seq_length tokens; micro_batch_size counts rows. Positions restart
-                     at every example and there is no attention mask, so transformers' attention (sdpa/eager on CPU,
-                     the flash-attention varlen kernel on CUDA) sees one block-diagonal causal mask per row, and the
-                     first token of each example is never a target of the previous example's last token.
+                     at every example and there is no attention mask: the attention reads each example's block
+                     from the positions (tuneforge's per-example attention with sdpa, transformers' packed-sequence
+                     mask with eager, the flash-attention varlen kernel on CUDA), and the first token of each example
+                     is never a target of the previous example's last token. Whether that is exact for a model is
+                     checked at setup (models/packing.py).
 
 Every mode plans a whole epoch as a pure function of (seed, epoch), so the sampler's state is just (epoch,
 micro-batches taken): a resumed run continues with exactly the batch an uninterrupted one would have drawn."""
@@ -219,8 +221,9 @@ class PackedCollator:
 
 
 def check_packing_backend(attn_implementation: str | None, device: str) -> None:
-    """Packing relies on transformers reading restarted position_ids as example boundaries: sdpa and eager build a
-    block-diagonal mask from them, flash_attention_2 calls flash-attn's varlen kernel (no padding, fastest on CUDA)."""
+    """An explicit flash_attention_2 for packed rows needs flash-attn and CUDA (its varlen kernel reads the example
+    blocks from the restarted position_ids); sdpa and eager read them through per-example attention or transformers'
+    packed-sequence mask."""
     if attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401

@@ -58,11 +58,16 @@ def per_example_attention(module, query, key, value, attention_mask, dropout: fl
     blocks = example_blocks(position_ids, query.size(0))
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    if query.device.type == "cpu" and low in _REDUCED and not dropout and query.size(1) % key.size(1) == 0:
+    if query.size(1) % key.size(1) or key.size(1) != value.size(1):
+        raise ValueError(f"per-example attention: {query.size(1)} query heads for {key.size(1)} key and "
+                         f"{value.size(1)} value heads")
+    if (query.device.type == "cpu" and low in _REDUCED and not dropout
+            and value.size(-1) == query.size(-1)):  # MLA's value heads are narrower: the per-block sdpa below
         # autocast would cast sdpa's inputs the same way (q and k leave rotary in fp32)
         query, key, value = (t.to(low) for t in (query, key, value))
         return PackedCausalAttention.apply(query, key, value, blocks, scale, MATMUL_MAX_TOKENS), None
-    groups = getattr(module, "num_key_value_groups", 1)
+    # the heads' grouping from the shapes, not the module: not every attention class names num_key_value_groups
+    groups = query.size(1) // key.size(1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
     for r, row in enumerate(blocks):
@@ -172,6 +177,13 @@ def _per_example_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         return None
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function or causal_mask_function,
                      attention_mask, local_size, **kwargs)
+
+
+def use_model_attention(model) -> None:
+    """Undo use_per_example_attention: transformers' own sdpa, with its block mask for packed rows."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) == PER_EXAMPLE:
+        config._attn_implementation = "sdpa"
 
 
 def use_per_example_attention(model) -> bool:

@@ -9,7 +9,6 @@ from tuneforge.errors import UserError
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-_UNUSUAL_HEAD = ("logit_scale", "logits_scaling", "output_multiplier_scale", "final_logit_softcapping")
 
 
 def transformers_model(model) -> nn.Module:
@@ -88,17 +87,3 @@ def find_child(layer: nn.Module, names: tuple[str, ...], what: str) -> tuple[str
             return name, child
     raise UserError(f"cannot find the {what} block in {type(layer).__name__} (looked for {', '.join(names)})")
 
-
-def split_head(model):
-    """(backbone, head) of a causal LM when its logits are a plain linear map of the last hidden state."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return None  # virtual tokens are prepended by PeftModel.forward itself
-    inner = transformers_model(model)
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if backbone is None or head is None or backbone is inner:
-        return None
-    if any(getattr(inner.config, k, None) not in (None, 1, 1.0) for k in _UNUSUAL_HEAD):
-        return None
-    return backbone, head

@@ -8,7 +8,8 @@ positions only, never materialises the (batch, seq, vocab) fp32 logits that a pl
 the answer is ~3% of the tokens, so the head and the softmax cost ~30x less. The labelled positions then go through
 the head and the cross-entropy in chunks whose gradient is formed at once (see HeadCrossEntropy), so even a run
 with a loss on every token (train_on_inputs, pretraining-style data) holds one chunk of fp32 logits at a time.
-Models whose head is not a plain linear layer fall back to the full forward."""
+The split is checked for each model (models/head.py): where the head is more than the output layer, the loss uses the
+model's full forward."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from tuneforge.data.pairs import is_pair_batch
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.classify import is_classifier
-from tuneforge.models.layers import split_head
+from tuneforge.models.head import split_head
 from tuneforge.models.preference import sequence_logps
 from tuneforge.models.seq2seq import is_seq2seq_batch
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.tokenize import IGNORE
-from tuneforge.models.layers import split_head
+from tuneforge.models.head import split_head
 
 WITH_SFT = ("orpo",)  # losses with an SFT term on the chosen completion of their own
 

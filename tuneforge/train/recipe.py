@@ -35,13 +35,15 @@ from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.validate import validate
-from tuneforge.models.attention import use_per_example_attention
+from tuneforge.models.attention import use_model_attention, use_per_example_attention
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
-from tuneforge.models.layers import decoder_layers
+from tuneforge.models.head import check_split_head, set_split_verdict
+from tuneforge.models.layers import decoder_layers, transformers_model
 from tuneforge.models.load import (Precision, count_parameters, load_model, load_model_skeleton, load_tokenizer,
                                    resolve_precision, store_frozen_linears)
 from tuneforge.models.loss import count_label_tokens
+from tuneforge.models.packing import choose_packed_attention
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
@@ -145,11 +147,13 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             check_checkpoint_fits(cfg, resume_from, model_config)
     model = (load_model_skeleton(cfg.model, model_config) if needs_skeleton(strategy, env)
              else load_model(cfg.model, config=model_config))
-    if cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example" and not cfg.train.compile:
-        # compiled layers keep sdpa inside their one graph: the per-example path's graph break gave inductor
-        # graphs whose q/k/v outputs held NaNs with ATEN_CPU_CAPABILITY=avx2 (benchmarks/RESULTS.md)
-        use_per_example_attention(model)
+    # compiled layers keep sdpa inside their one graph: the per-example path's graph break gave inductor graphs whose
+    # q/k/v outputs held NaNs with ATEN_CPU_CAPABILITY=avx2 (benchmarks/RESULTS.md)
+    per_example = (cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example"
+                   and not cfg.train.compile and use_per_example_attention(model))
     model = apply_finetuning(model, cfg)  # adapters (peft) or partial freezing, QLoRA prep, activation checkpointing
+    path_lines, per_example = check_fast_paths(model, cfg, env, kind, per_example, tokenizer.pad_token_id)
+    path_lines.insert(0, attention_line(model, facts, per_example))
     init_lines = apply_init_from(model, cfg) if cfg.model.init_from else []  # a resumed checkpoint then overrides
     model.train()
     trainable, total = count_parameters(model)
@@ -202,7 +206,7 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
     info = training.info
     info(f"model {cfg.model.name_or_path}: {trainable:,} trainable / {total:,} parameters "
          f"({100 * trainable / total:.2f}%), {precision.name} on {env.device}")
-    for line in finetuning_lines + init_lines:
+    for line in path_lines + finetuning_lines + init_lines:
         info(line)
     if plan.changed:
         info(f"resuming with changed settings (they do not change what a step computes): {'; '.join(plan.changed)}")
@@ -224,6 +228,45 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             training.sink.log(0, baseline)
     training.params = [p for p in module.parameters() if p.requires_grad]  # after the baseline: FSDP2 resharded
     return training
+
+
+def attention_line(model, facts: Preflight, per_example: bool) -> str:
+    """Which attention the model runs and why (model.attn_implementation, auto resolved for the architecture)."""
+    implementation = "sdpa" if per_example else getattr(model.config, "_attn_implementation", None) or "default"
+    reason = facts.attention.reason if facts.attention is not None else "model.attn_implementation"
+    return f"attention: {implementation} ({reason})" + ("; per example in packed rows" if per_example else "")
+
+
+def check_fast_paths(model, cfg: Config, env: DistEnv, kind: str, per_example: bool,
+                     pad_id: int) -> tuple[list[str], bool]:
+    """Where tuneforge's faster paths are not exact for this model, its own forward: the LM head on the labelled
+    positions only (models/head.py) and per-example attention in packed rows (models/packing.py), each checked by a
+    short fp32 forward of the model before wrapping. Rank 0 checks (it holds the weights under FSDP2) and every rank
+    goes by its answer. Packing that no attention makes exact is refused, before the run directory is written.
+    Returns the lines for the log and whether per-example attention stays on."""
+    if kind != "causal_lm":
+        return [], per_example
+    verdicts = None
+    if env.is_main:
+        head = check_split_head(model) if cfg.train.head_on_labels_only else None
+        packed = (choose_packed_attention(model, per_example, pad_id) if cfg.data.batching == "packing"
+                  else (per_example, None, None))
+        verdicts = (head, *packed)
+    head, kept, dropped, not_exact = broadcast_object(verdicts, env)
+    if cfg.train.head_on_labels_only:
+        set_split_verdict(model, head)
+    if per_example and not kept:
+        use_model_attention(model)
+    if not_exact:
+        raise UserError(f"data.batching: packing is not exact for {type(transformers_model(model)).__name__}: "
+                        f"{not_exact}; use data.batching: pad_longest or group_by_length")
+    lines = []
+    if head:
+        lines.append(f"loss: the model's full forward, not the LM head on labelled positions only ({head})")
+    if dropped:
+        lines.append(f"packed rows: transformers' attention with a block mask (per-example attention is not exact "
+                     f"for this model: {dropped})")
+    return lines, per_example and kept
 
 
 def setup_reference(training: Training, train_data, vals: dict) -> PreferenceStep:
