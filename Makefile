@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test test-models models-table clean
 
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -46,10 +46,22 @@ PYTEST_MARK ?=
 test: setup
 	$(BIN)/ruff check tuneforge
 	@sel='$(PYTEST_MARK)'; \
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not models$${sel:+ and ($$sel)}" $(PYTEST_ARGS); a=$$?; \
 	$(BIN)/python -m pytest -q -m "slow$${sel:+ and ($$sel)}" $(PYTEST_ARGS); b=$$?; \
 	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "no tests were collected"; exit 1; fi; \
 	for rc in $$a $$b; do if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi; done
+
+# The architecture sweep (tests/models): every type of the installed transformers' causal-LM mapping as a tiny random
+# model, trained with LoRA and full weights against transformers' own losses, packed or refused packing; then the
+# table of what each type got. `make models-table` writes that table into docs/models.md.
+test-models: setup
+	@rows=$$(mktemp -d); \
+	TUNEFORGE_SWEEP_ROWS=$$rows $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m models tests/models $(PYTEST_ARGS); \
+	rc=$$?; $(BIN)/python -m tests.models.sweep --table $$rows $(SWEEP_TABLE); \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+
+models-table:
+	$(MAKE) test-models SWEEP_TABLE=--write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
