@@ -11,7 +11,9 @@ Per type:
           run's final validation loss
   full    2 full fine-tuning steps the same way; the final weights loaded by transformers give the run's final
           validation loss
-  packing exact (the packed step-0 loss is the padded one), or refused with tuneforge's reason
+  packing exact (the packed step-0 loss is the padded one) and through which path: per-example attention, or
+          transformers' packed-sequence mask, or the model's own attention under tuneforge's block mask; or
+          refused with tuneforge's reason
   head    split (the LM head on labelled positions only) or the full forward, with the reason
 
 `python -m tests.models.sweep [TYPE ...]` runs it and prints the table; `--write` also writes docs/models.md."""
@@ -43,7 +45,7 @@ class Row:
     plain: str = ""              # "ok" or transformers' / peft's error
     lora: str = ""               # "ok" or what failed
     full: str = ""
-    packing: str = ""            # "exact", "exact (block mask)", or "refused: why"
+    packing: str = ""            # "exact (per example | packed-sequence mask | block mask)", or "refused: why"
     head: str = ""               # "split" or "full forward: why"
     attention: str = ""
     seconds: float = 0.0
@@ -201,9 +203,11 @@ def sweep_one(model_type: str, work: Path) -> Row:
                 why = first_line_of(output, "loss: the model's full forward, not the LM head on labelled positions "
                                             "only (")
                 row.head = f"full forward: {why[:-1]}" if why else "split"
-                dropped = first_line_of(output, "packed rows: transformers' attention with a block mask")
+                path = first_line_of(output, "packed rows: ") or ""
                 if batching == "packing":
-                    row.packing = "exact (block mask)" if dropped else "exact"
+                    row.packing = ("exact (per example)" if row.attention.endswith("; per example in packed rows")
+                                   else "exact (block mask)" if path.startswith("the model's own attention")
+                                   else "exact (packed-sequence mask)")
                 reloaded = PeftModel.from_pretrained(
                     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), run_dir / "final")
             else:
@@ -231,8 +235,11 @@ def table(rows: list[Row]) -> str:
     lines = [f"{len(rows)} causal-LM types; plain transformers + peft trains {len(trainable)}; of those tuneforge "
              f"trains {sum(r.lora == 'ok' for r in trainable)} with LoRA and {sum(r.full == 'ok' for r in trainable)} "
              f"with full weights, packs {sum(r.packing.startswith('exact') for r in trainable)} exactly "
-             f"({sum(r.packing == 'exact (block mask)' for r in trainable)} of them through transformers' block "
-             f"mask) and refuses to pack {sum(r.packing.startswith('refused') for r in trainable)}; "
+             f"({sum(r.packing == 'exact (per example)' for r in trainable)} with per-example attention, "
+             f"{sum(r.packing == 'exact (packed-sequence mask)' for r in trainable)} through transformers' "
+             f"packed-sequence mask, {sum(r.packing == 'exact (block mask)' for r in trainable)} with their own "
+             f"attention under tuneforge's block mask) and refuses to pack "
+             f"{sum(r.packing.startswith('refused') for r in trainable)}; "
              f"{sum(r.head.startswith('full') for r in trainable)} use the full forward for the loss.", "",
              "| type | LoRA | full | packing | head path | attention |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -288,8 +295,10 @@ the stories260K tokenizer), trained by `tuneforge finetune` for 2 steps with LoR
 A cell reads `ok` when the run's step-0 validation loss equals the next-token loss of the model's own full forward
 (transformers' logits, cross-entropy against the next token) on the same examples padded, and its final validation
 loss equals that of `final/` reloaded by plain peft (LoRA) or transformers (full). Packing is `exact` when the
-packed step-0 loss is that padded loss, or refused with the reason tuneforge gives. Made by `make models-table`
-(tests/models/sweep.py); `make test-models` runs the same checks in CI.
+packed step-0 loss is that padded loss, with the path that makes it so (tuneforge's per-example attention,
+transformers' packed-sequence mask, or the model's own attention under tuneforge's block mask), or refused with the
+reason tuneforge gives. Made by `make models-table` (tests/models/sweep.py); `make test-models` runs the same checks
+in CI.
 
 """
 

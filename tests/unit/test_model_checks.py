@@ -10,11 +10,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tuneforge.config.schema import ModelConfig
 from tuneforge.data import IGNORE
 from tuneforge.errors import UserError
-from tuneforge.models.attention import PER_EXAMPLE, use_per_example_attention
+from tuneforge.models.attention import (BLOCK_MASK, PER_EXAMPLE, attention_name, use_model_attention,
+                                        use_per_example_attention)
 from tuneforge.models.backend import choose_attention
 from tuneforge.models.head import check_split_head, split_head, split_verdict
 from tuneforge.models.loss import causal_lm_loss
-from tuneforge.models.packing import CARRIES_STATE, DIFFERS_FROM_PADDED, check_packing, choose_packed_attention
+from tuneforge.models.packing import (CARRIES_STATE, DIFFERS_FROM_PADDED, PackedAttention, check_packing,
+                                      choose_packed_attention)
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
 
@@ -123,7 +125,7 @@ def test_soft_capped_logits_skip_the_split_by_config():
 def test_packing_is_exact_for_llama_with_per_example_attention():
     model = tiny("llama", num_key_value_heads=2)
     assert use_per_example_attention(model)
-    assert choose_packed_attention(model, per_example=True) == (True, None, None)
+    assert choose_packed_attention(model, per_example=True) == PackedAttention("per_example")
     assert model.config._attn_implementation == PER_EXAMPLE
 
 
@@ -135,19 +137,57 @@ def test_positions_computed_from_the_input_ids_are_refused_packing():
     model = tiny("roberta", is_decoder=True)
     assert use_per_example_attention(model)
     assert check_packing(model) == DIFFERS_FROM_PADDED
-    kept, dropped, not_exact = choose_packed_attention(model, per_example=True)
-    assert not kept and dropped == DIFFERS_FROM_PADDED
-    assert not_exact == f"with per-example attention {DIFFERS_FROM_PADDED}; with transformers' own attention " \
-                        f"{CARRIES_STATE}"
+    packed = choose_packed_attention(model, per_example=True)
+    assert packed.not_exact.startswith(f"with per-example attention {DIFFERS_FROM_PADDED}; with transformers' own "
+                                       f"attention {CARRIES_STATE}")
+    assert model.config._attn_implementation == "sdpa"  # given back its own attention
 
 
 def test_per_example_attention_not_exact_for_a_model_falls_back_to_transformers_block_mask():
     # GPT-BigCode does not hand position_ids to its attention function: per-example attention cannot see the blocks
     model = tiny("gpt_bigcode", bos_token_id=1, eos_token_id=2)
     assert use_per_example_attention(model)
-    kept, dropped, not_exact = choose_packed_attention(model, per_example=True)
-    assert (kept, dropped, not_exact) == (False, CARRIES_STATE, None)
+    packed = choose_packed_attention(model, per_example=True)
+    assert packed == PackedAttention("model", (f"per-example attention: {CARRIES_STATE}",))
     assert model.config._attn_implementation == "sdpa"
+
+
+def gpt_oss(**overrides):
+    return tiny("gpt_oss", num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=4, **overrides)
+
+
+def test_gpt_oss_packs_exactly_under_a_block_mask_with_its_sinks_and_sliding_window():
+    """GPT-OSS's mask code never reads position_ids, so transformers' packed-sequence mask does not reach it; its own
+    eager attention (the sinks) under tuneforge's block mask does, window included (4 < the probe's examples)."""
+    model = gpt_oss()
+    assert model.config._attn_implementation == "eager"  # no sdpa path: attn_implementation auto leaves its own
+    assert check_packing(model) == CARRIES_STATE
+    packed = choose_packed_attention(model, per_example=False)
+    assert packed == PackedAttention("block_mask", (f"transformers' own attention: {CARRIES_STATE}",))
+    assert model.config._attn_implementation == BLOCK_MASK and attention_name(model) == "eager"
+    assert check_packing(model) is None
+    assert check_split_head(model) is None  # its head is a plain output layer: the split stays
+    # a packed batch of four examples gives each its padded loss, the sliding window reaching across none of them
+    g = torch.Generator().manual_seed(1)
+    examples = [torch.randint(3, 512, (n,), generator=g) for n in (9, 5, 12, 7)]
+    packed_ids = torch.cat(examples)[None]
+    positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed_ids, position_ids=positions).logits[0]
+        use_model_attention(model)
+        at = 0
+        for e in examples:
+            alone = model(input_ids=e[None]).logits[0]
+            assert torch.allclose(packed_logits[at:at + len(e)], alone, atol=1e-5)
+            at += len(e)
+
+
+def test_a_model_exact_with_none_of_the_paths_is_given_back_its_own_attention():
+    model = tiny("rwkv", attention_hidden_size=64, context_length=64)
+    packed = choose_packed_attention(model, per_example=False)
+    assert packed.path == "model" and packed.not_exact == CARRIES_STATE
+    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -23,14 +23,18 @@ longer blocks go to that kernel. fp32 keeps one sdpa call per block."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function,
+                                        sdpa_mask)
 
 PER_EXAMPLE = "tuneforge_per_example_sdpa"
+BLOCK_MASK = "tuneforge_block_mask"  # the model's own attention function under a block mask from position_ids
+_BASE = "_tuneforge_base_attention"  # config attribute: the implementation BLOCK_MASK wraps (eager or sdpa)
 
 
 def example_blocks(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
@@ -180,10 +184,72 @@ def _per_example_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 
 
 def use_model_attention(model) -> None:
-    """Undo use_per_example_attention: transformers' own sdpa, with its block mask for packed rows."""
+    """Undo use_per_example_attention or use_block_mask_attention: transformers' own attention, with its own mask."""
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "_attn_implementation", None) == PER_EXAMPLE:
         config._attn_implementation = "sdpa"
+    elif config is not None and getattr(config, "_attn_implementation", None) == BLOCK_MASK:
+        config._attn_implementation = getattr(config, _BASE)
+
+
+def use_block_mask_attention(model) -> bool:
+    """Switch a model whose eager or sdpa attention goes through transformers' attention interface to BLOCK_MASK: its
+    own attention function (sinks, soft-capping, sliding windows and all) under the mask the model builds, narrowed to
+    each example's block of position_ids. For models whose mask code never reads the position_ids (GPT-OSS, AFMoE):
+    transformers' own packed-sequence mask never reaches them. False, unchanged, where the attention is another."""
+    config = getattr(model, "config", None)
+    base = getattr(config, "_attn_implementation", None) if config is not None else None
+    if base not in ("eager", "sdpa"):
+        return False
+    AttentionInterface.register(BLOCK_MASK, block_mask_attention)
+    AttentionMaskInterface.register(BLOCK_MASK, _block_mask_mask)
+    setattr(config, _BASE, base)
+    config._attn_implementation = BLOCK_MASK
+    return True
+
+
+def attention_name(model) -> str:
+    """The transformers implementation a model's attention runs, under tuneforge's wrappers."""
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None) or "default"
+    return {PER_EXAMPLE: "sdpa", BLOCK_MASK: getattr(config, _BASE, "eager")}.get(implementation, implementation)
+
+
+def block_mask_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' attention-function contract; the base implementation's function, with attention_mask narrowed to
+    the example blocks where the call is a packed row's (position_ids given, no cache: q and k of one length)."""
+    base = getattr(module.config, _BASE, "eager")
+    if base == "eager":  # each model's eager function lives in its own modeling module (GPT-OSS's adds the sinks)
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise ValueError(f"{type(module).__name__}: no eager_attention_forward beside it to put a block mask under")
+    else:
+        function = AttentionInterface._global_mapping[base]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and query.size(2) == key.size(2) > 1:
+        attention_mask = _narrow_to_blocks(attention_mask, position_ids, query)
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+def _narrow_to_blocks(mask, position_ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The mask (bool: True = attend; float: additive) with every score across two examples of a row masked out; a
+    causal block mask where the model passed none (sdpa's causal shortcut). Shapes (rows, 1, L, L)."""
+    rows, length = query.size(0), query.size(2)
+    example = (position_ids == 0).cumsum(-1).expand(rows, -1)
+    same = example[:, None, :, None] == example[:, None, None, :]
+    if mask is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        return same & causal
+    mask = mask[..., :length, :length]
+    if mask.dtype == torch.bool:
+        return mask & same
+    return torch.where(same, mask, torch.finfo(mask.dtype).min)
+
+
+def _block_mask_mask(*args, **kwargs):
+    """The base implementation's mask function (block_mask_attention narrows what it returns)."""
+    base = getattr(kwargs.get("config"), _BASE, "eager")
+    return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
 
 def use_per_example_attention(model) -> bool:

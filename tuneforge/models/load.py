@@ -160,6 +160,21 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
+def check_tokenizer_fits(tokenizer, model, name: str) -> None:
+    """Every id the tokenizer can give (its pad included) has a row in the model's input embeddings. A checkpoint whose
+    tokenizer grew (added tokens) without its embeddings would otherwise stop mid-run with an index error."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    highest = max(len(tokenizer) - 1, tokenizer.pad_token_id or 0)
+    if highest >= rows:
+        raise UserError(f"model.name_or_path: the tokenizer of '{name}' has ids up to {highest} "
+                        f"({len(tokenizer)} tokens, pad {tokenizer.pad_token!r} = {tokenizer.pad_token_id}), but the "
+                        f"model's input embeddings have {rows} rows; resize the embeddings to the tokenizer "
+                        "(model.resize_token_embeddings) and save the checkpoint again")
+
+
 def model_class(kind: str, config):
     """The class that loads a config of this kind; classifiers may carry tuneforge's MLP head."""
     if kind == "sequence_classification":

@@ -16,10 +16,12 @@ B's outputs must not depend on what precedes it (rows 0 and 1: the same shapes, 
 kernels' rounding), and every example's packed outputs must be its padded ones (the same total shape again)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tuneforge.errors import first_line
-from tuneforge.models.attention import use_model_attention
+from tuneforge.models.attention import use_block_mask_attention, use_model_attention
 from tuneforge.models.layers import transformers_model
 
 _A, _B = 6, 5  # tokens of the two probe examples
@@ -96,15 +98,37 @@ def _cpu_attention(model, device: torch.device):
     return lambda: setattr(config, "_attn_implementation", impl)
 
 
-def choose_packed_attention(model, per_example: bool, pad_id: int | None = None) -> tuple[bool, str | None, str | None]:
-    """(per-example attention kept, why it was dropped, why packing is not exact) for a model about to train on
-    packed rows. Per-example attention (models/attention.py) that is not exact for this model hands packed rows back to
-    transformers' own attention and its packed-sequence mask, which is checked in turn."""
+@dataclass(frozen=True)
+class PackedAttention:
+    """How packed rows attend for one model, and why not faster: `path` is per_example (tuneforge's attention per
+    example block), model (transformers' own attention and its packed-sequence mask) or block_mask (the model's own
+    attention function under a block mask from the position_ids); `not_exact` is why none of them is exact."""
+    path: str
+    dropped: tuple[str, ...] = ()   # (path, why) of each faster path that was not exact, in the order tried
+    not_exact: str | None = None
+
+
+def choose_packed_attention(model, per_example: bool, pad_id: int | None = None) -> PackedAttention:
+    """The first exact path for packed rows, tried from the fastest: per-example attention (where switched on), then
+    transformers' own attention with its packed-sequence mask, then the model's own attention function under a block
+    mask built from the position_ids. The model is left switched to the path chosen (or to its own, when none is)."""
+    tried = []
+    if per_example:
+        reason = check_packing(model, pad_id)
+        if reason is None:
+            return PackedAttention("per_example")
+        tried.append(("per-example attention", reason))
+        use_model_attention(model)
     reason = check_packing(model, pad_id)
-    if reason is None or not per_example:
-        return per_example, None, reason
-    use_model_attention(model)
-    fallback = check_packing(model, pad_id)
-    if fallback is not None and fallback != reason:
-        fallback = f"with per-example attention {reason}; with transformers' own attention {fallback}"
-    return False, reason, fallback
+    if reason is None:
+        return PackedAttention("model", tuple(f"{path}: {why}" for path, why in tried))
+    tried.append(("transformers' own attention", reason))
+    if use_block_mask_attention(model):
+        reason = check_packing(model, pad_id)
+        if reason is None:
+            return PackedAttention("block_mask", tuple(f"{path}: {why}" for path, why in tried))
+        use_model_attention(model)
+        tried.append(("its attention under a block mask", reason))
+    whys = {why for _, why in tried}
+    not_exact = tried[-1][1] if len(whys) == 1 else "; ".join(f"with {path} {why}" for path, why in tried)
+    return PackedAttention("model", tuple(f"{path}: {why}" for path, why in tried), not_exact)

@@ -35,15 +35,16 @@ from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
 from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.validate import validate
-from tuneforge.models.attention import use_model_attention, use_per_example_attention
+from tuneforge.models.attention import (attention_name, use_block_mask_attention, use_model_attention,
+                                        use_per_example_attention)
 from tuneforge.models.classify import build_classifier_config
 from tuneforge.models.gguf import resolve_model_source
 from tuneforge.models.head import check_split_head, set_split_verdict
 from tuneforge.models.layers import decoder_layers, transformers_model
-from tuneforge.models.load import (Precision, count_parameters, load_model, load_model_skeleton, load_tokenizer,
-                                   resolve_precision, store_frozen_linears)
+from tuneforge.models.load import (Precision, check_tokenizer_fits, count_parameters, load_model, load_model_skeleton,
+                                   load_tokenizer, resolve_precision, store_frozen_linears)
 from tuneforge.models.loss import count_label_tokens
-from tuneforge.models.packing import choose_packed_attention
+from tuneforge.models.packing import PackedAttention, choose_packed_attention
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
@@ -147,6 +148,7 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             check_checkpoint_fits(cfg, resume_from, model_config)
     model = (load_model_skeleton(cfg.model, model_config) if needs_skeleton(strategy, env)
              else load_model(cfg.model, config=model_config))
+    check_tokenizer_fits(tokenizer, model, cfg.model.name_or_path)
     # compiled layers keep sdpa inside their one graph: the per-example path's graph break gave inductor graphs whose
     # q/k/v outputs held NaNs with ATEN_CPU_CAPABILITY=avx2 (benchmarks/RESULTS.md)
     per_example = (cfg.data.batching == "packing" and cfg.model.packed_attention == "per_example"
@@ -232,9 +234,8 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
 
 def attention_line(model, facts: Preflight, per_example: bool) -> str:
     """Which attention the model runs and why (model.attn_implementation, auto resolved for the architecture)."""
-    implementation = "sdpa" if per_example else getattr(model.config, "_attn_implementation", None) or "default"
     reason = facts.attention.reason if facts.attention is not None else "model.attn_implementation"
-    return f"attention: {implementation} ({reason})" + ("; per example in packed rows" if per_example else "")
+    return f"attention: {attention_name(model)} ({reason})" + ("; per example in packed rows" if per_example else "")
 
 
 def check_fast_paths(model, cfg: Config, env: DistEnv, kind: str, per_example: bool,
@@ -250,23 +251,28 @@ def check_fast_paths(model, cfg: Config, env: DistEnv, kind: str, per_example: b
     if env.is_main:
         head = check_split_head(model) if cfg.train.head_on_labels_only else None
         packed = (choose_packed_attention(model, per_example, pad_id) if cfg.data.batching == "packing"
-                  else (per_example, None, None))
-        verdicts = (head, *packed)
-    head, kept, dropped, not_exact = broadcast_object(verdicts, env)
+                  else PackedAttention("per_example" if per_example else "model"))
+        verdicts = (head, packed)
+    head, packed = broadcast_object(verdicts, env)
     if cfg.train.head_on_labels_only:
         set_split_verdict(model, head)
-    if per_example and not kept:
+    if not env.is_main and packed.path != "per_example":  # rank 0's model was switched by the check itself
         use_model_attention(model)
-    if not_exact:
+        if packed.path == "block_mask":
+            use_block_mask_attention(model)
+    if packed.not_exact:
         raise UserError(f"data.batching: packing is not exact for {type(transformers_model(model)).__name__}: "
-                        f"{not_exact}; use data.batching: pad_longest or group_by_length")
+                        f"{packed.not_exact}; use data.batching: pad_longest or group_by_length")
     lines = []
     if head:
         lines.append(f"loss: the model's full forward, not the LM head on labelled positions only ({head})")
-    if dropped:
-        lines.append(f"packed rows: transformers' attention with a block mask (per-example attention is not exact "
-                     f"for this model: {dropped})")
-    return lines, per_example and kept
+    if packed.dropped:
+        lines.append(f"packed rows: {PACKED_PATHS[packed.path]} ({'; '.join(packed.dropped)})")
+    return lines, packed.path == "per_example"
+
+
+PACKED_PATHS = {"model": "transformers' attention with its packed-sequence mask",
+                "block_mask": "the model's own attention under a block mask from the position_ids"}
 
 
 def setup_reference(training: Training, train_data, vals: dict) -> PreferenceStep:
