@@ -13,8 +13,9 @@ from tuneforge.errors import UserError
 from tuneforge.models.attention import (BLOCK_MASK, PER_EXAMPLE, attention_name, use_model_attention,
                                         use_per_example_attention)
 from tuneforge.models.backend import choose_attention
-from tuneforge.models.head import check_split_head, split_head, split_verdict
+from tuneforge.models.head import check_split_head, set_split_verdict, split_head, split_verdict
 from tuneforge.models.loss import causal_lm_loss
+from tuneforge.models.preference import sequence_logps
 from tuneforge.models.packing import (CARRIES_STATE, DIFFERS_FROM_PADDED, PackedAttention, check_packing,
                                       choose_packed_attention)
 
@@ -95,6 +96,26 @@ def test_a_planted_head_transform_makes_the_loss_use_the_full_forward():
     assert split_head(model) is None  # the causal loss and the preference head (sequence_logps) both ask this
     assert "differs" in split_verdict(model)
     assert_loss_is_the_models_own(model)
+
+
+def test_the_preference_head_takes_the_same_verdict():
+    """DPO's per-sequence log-probs (sequence_logps) go through the same check: on the planted head they are the full
+    forward's; forcing the split (a wrong verdict) would give other numbers."""
+    from tuneforge.data.pairs import Pair, PairCollator, PairSet
+
+    torch.manual_seed(0)
+    model = TransformedHeadLlama(LlamaConfig(**SMALL, num_key_value_heads=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (6, 3, 4, 5, 2, 3)]
+    batch = PairCollator(0)(PairSet([Pair([1] + ids[0], ids[1] + [2], ids[2] + [2]),
+                                     Pair([1] + ids[3], ids[4] + [2], ids[5] + [2])]).pairs)
+    with torch.no_grad():
+        checked, _ = sequence_logps(model, batch)
+        full, _ = sequence_logps(model, batch, full_forward=True)
+        set_split_verdict(model, None)  # claim the split is exact
+        forced, _ = sequence_logps(model, batch)
+    assert torch.allclose(checked, full, rtol=1e-6)
+    assert not torch.allclose(forced, full, rtol=1e-2)
 
 
 def test_llama_keeps_the_split_head():
