@@ -136,10 +136,14 @@ def test_bert_style_heads_get_the_models_own_loss(model_type, overrides):
     assert_loss_is_the_models_own(model)
 
 
-def test_soft_capped_logits_skip_the_split_by_config():
-    model = tiny("gemma2", num_key_value_heads=2, head_dim=16)
+def test_soft_capped_logits_skip_the_split_by_config_and_pack_through_transformers_mask():
+    model = tiny("gemma2", num_key_value_heads=2, head_dim=16, sliding_window=4)
     assert "final_logit_softcapping" in check_split_head(model)
     assert_loss_is_the_models_own(model)
+    # eager attention with soft-capped scores and a sliding window every other layer: transformers' packed-sequence
+    # mask is exact for it, so packing takes that path
+    assert model.config._attn_implementation == "eager"
+    assert choose_packed_attention(model, per_example=False) == PackedAttention("model")
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------
