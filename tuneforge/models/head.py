@@ -73,8 +73,10 @@ def check_split_head(model) -> str | None:
     is restored."""
     parts, inner = split_parts(model), transformers_model(model)
     if parts is None:
+        peft_config = getattr(model, "active_peft_config", None)
         key = _unusual_head(inner)
-        return (f"its config's {key} scales or caps the logits" if key else
+        return ("peft's forward prepends the virtual tokens" if peft_config is not None and
+                peft_config.is_prompt_learning else f"its config's {key} scales or caps the logits" if key else
                 "the model has no separate backbone and output layer")
     backbone, head = parts
     captured = []

@@ -241,10 +241,10 @@ def attention_line(model, facts: Preflight, per_example: bool) -> str:
 def check_fast_paths(model, cfg: Config, env: DistEnv, kind: str, per_example: bool,
                      pad_id: int) -> tuple[list[str], bool]:
     """Where tuneforge's faster paths are not exact for this model, its own forward: the LM head on the labelled
-    positions only (models/head.py) and per-example attention in packed rows (models/packing.py), each checked by a
-    short fp32 forward of the model before wrapping. Rank 0 checks (it holds the weights under FSDP2) and every rank
-    goes by its answer. Packing that no attention makes exact is refused, before the run directory is written.
-    Returns the lines for the log and whether per-example attention stays on."""
+    positions only (models/head.py), and for packed rows the fastest attention path that keeps the examples apart
+    (models/packing.py), each checked by a short fp32 forward of the model before wrapping. Rank 0 checks (it holds
+    the weights under FSDP2) and every rank goes by its answer. Packing that no attention makes exact is refused,
+    before the run directory is written. Returns the lines for the log and whether per-example attention stays on."""
     if kind != "causal_lm":
         return [], per_example
     verdicts = None
