@@ -226,3 +226,57 @@ def test_flash_attention_packing_needs_flash_attn_and_cuda():
     else:
         with pytest.raises(UserError, match="CUDA only"):
             check_packing_backend("flash_attention_2", "cpu")
+
+
+def _live_tensors() -> list[torch.Tensor]:
+    import gc
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+
+
+def test_bf16_packed_attention_under_checkpointing_keeps_no_probabilities_and_gives_the_same_gradients(tok, examples):
+    """PackedCausalAttention saves its per-block probabilities through save_for_backward: activation checkpointing
+    then drops them after the forward and recomputes them in backward (kept on ctx, they would stay alive through
+    the whole forward of every layer). Same loss and gradients with and without checkpointing, under bf16 autocast."""
+    batch = build_eval_batches(examples, 3, tok.pad_token_id, batching="packing", seq_length=512)[0]
+    bf16 = resolve_precision("bfloat16", "cpu")
+    blocks = example_blocks(batch["position_ids"], batch["input_ids"].size(0))
+    config = AutoModelForCausalLM.from_pretrained(STORIES).config
+    kv, groups = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    prob_shapes = {(kv, groups * (e - s), e - s) for row in blocks for s, e in row}
+
+    def run(checkpointing):
+        model = _model("per_example")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with bf16.context():
+            loss = causal_lm_loss(model, batch)
+        alive = sum(1 for t in _live_tensors() if tuple(t.shape) in prob_shapes and t.dtype == torch.bfloat16)
+        loss.backward()
+        return loss.item(), alive, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_alive, plain = run(False)
+    ckpt_loss, ckpt_alive, ckpt = run(True)
+    assert plain_alive >= config.num_hidden_layers * len(prob_shapes)  # without checkpointing every layer keeps them
+    assert ckpt_alive == 0
+    assert ckpt_loss == plain_loss
+    for name in plain:
+        assert torch.equal(ckpt[name], plain[name]), name
+
+
+def test_example_blocks_are_found_once_per_forward(tok, examples, monkeypatch):
+    """Every layer reads the same position_ids: their blocks are found (a host copy on CUDA) once per forward."""
+    from tuneforge.models import attention
+
+    batch = build_eval_batches(examples, 3, tok.pad_token_id, batching="packing", seq_length=512)[0]
+    calls = []
+    find = attention._find_blocks
+    monkeypatch.setattr(attention, "_find_blocks", lambda *a: calls.append(1) or find(*a))
+    model = _model("per_example")
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        assert len(calls) == 1 and model.config.num_hidden_layers > 1
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"].clone())  # another batch: again
+    assert len(calls) == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,21 @@ _BASE = "_tuneforge_base_attention"  # config attribute: the implementation BLOC
 
 
 def example_blocks(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
-    """[(start, end), ...] of each row: a block opens wherever the position restarts at 0."""
+    """[(start, end), ...] of each row: a block opens wherever the position restarts at 0. Every layer of a forward
+    (and a checkpointed layer's recomputation) gets the same position_ids tensor: the blocks are found once for it, so
+    a CUDA run pays one device-to-host copy per forward, not one per layer."""
+    last = _last_blocks
+    if last and last[0]() is position_ids and last[1] == (position_ids._version, rows):
+        return last[2]
+    blocks = _find_blocks(position_ids, rows)
+    _last_blocks[:] = [weakref.ref(position_ids), (position_ids._version, rows), blocks]
+    return blocks
+
+
+_last_blocks: list = []  # [weak reference to the position_ids, (their version, rows), their blocks]
+
+
+def _find_blocks(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
     pos = position_ids.detach().cpu()
     length = pos.size(-1)
     blocks = []
@@ -130,30 +145,32 @@ class PackedCausalAttention(torch.autograd.Function):
                 if n <= matmul_max_tokens:
                     probs = _causal_probs(query[r, :, s:e].reshape(kv_heads, groups * n, d), key[r, :, s:e], scale)
                     out[r, s:e] = torch.bmm(probs, value[r, :, s:e]).view(heads, n, d).transpose(0, 1)
-                    saved.append(probs)
+                    saved.append(probs)  # one tensor: the matmul path's block
                 else:
                     k = key[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
                     v = value[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
                     o, lse = _flash_forward(query[r:r + 1, :, s:e], k, v, 0.0, True, scale=scale)
                     out[r, s:e] = o[0].transpose(0, 1)
-                    saved.append((o, lse))
-        ctx.save_for_backward(query, key, value)
-        ctx.blocks, ctx.per_block, ctx.scale = blocks, saved, scale
+                    saved += [o, lse]  # two: the flash kernel's block
+        # through save_for_backward, not as ctx attributes: saved-tensor hooks see them, so activation checkpointing
+        # drops them after forward and recomputes them (tensors kept on ctx would stay alive until backward)
+        ctx.save_for_backward(query, key, value, *saved)
+        ctx.blocks, ctx.scale, ctx.matmul_max_tokens = blocks, scale, matmul_max_tokens
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value = ctx.saved_tensors
+        query, key, value, *saved = ctx.saved_tensors
         heads, d = query.size(1), query.size(3)
         kv_heads = key.size(1)
         groups, scale = heads // kv_heads, ctx.scale
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        per_block = iter(ctx.per_block)
+        per_block = iter(saved)
         for r, row in enumerate(ctx.blocks):
             for s, e in row:
-                n, kept = e - s, next(per_block)
-                if isinstance(kept, torch.Tensor):  # the matmul path: dS = P * (dP - rowsum(P * dP))
-                    probs, k, v = kept, key[r, :, s:e], value[r, :, s:e]
+                n = e - s
+                if n <= ctx.matmul_max_tokens:  # the matmul path: dS = P * (dP - rowsum(P * dP))
+                    probs, k, v = next(per_block), key[r, :, s:e], value[r, :, s:e]
                     q = query[r, :, s:e].reshape(kv_heads, groups * n, d)
                     g = grad_out[r, s:e].transpose(0, 1).reshape(kv_heads, groups * n, d)
                     grad_v[r, :, s:e] = torch.bmm(probs.transpose(1, 2), g)
@@ -162,7 +179,7 @@ class PackedCausalAttention(torch.autograd.Function):
                     grad_q[r, :, s:e] = torch.bmm(ds, k).mul_(scale).view(heads, n, d)
                     grad_k[r, :, s:e] = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
                 else:
-                    o, lse = kept
+                    o, lse = next(per_block), next(per_block)
                     k = key[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
                     v = value[r:r + 1, :, s:e].repeat_interleave(groups, dim=1)
                     gq, gk, gv = _flash_backward(grad_out[r:r + 1, s:e].transpose(1, 2), query[r:r + 1, :, s:e], k,
