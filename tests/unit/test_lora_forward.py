@@ -16,10 +16,11 @@ def two_layer_lora(**lora):
                                            **lora))
 
 
-def grads_of(model, x):
+def grads_of(model, x, module=None):
     out = model(x)
     out.square().sum().backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    module = module or model
+    return out.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
 
 
 def test_in_place_forward_gives_peft_outputs_and_gradients():
@@ -205,3 +206,48 @@ def test_bf16_base_without_autocast_feeds_the_fp32_adapters_an_fp32_input():
         want, got = peft_model(x), ours(x)
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max())
+
+
+def _finetuned(lora_forward: str):
+    """stories260K through the recipe's own apply_finetuning, LoRA on every linear layer."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import STORIES
+    from tuneforge.config import load_config
+    from tuneforge.peft import apply_finetuning
+
+    cfg = load_config({"model": {"name_or_path": str(STORIES)}, "peft": {"method": "lora", "lora_rank": 4},
+                       "data": {"train": {"path": "x.json", "format": "squad"}},
+                       "train": {"lora_forward": lora_forward}}, check_paths=False)
+    torch.manual_seed(0)
+    return apply_finetuning(AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32), cfg)
+
+
+def _switched(model) -> int:
+    return sum(hasattr(m, "_tuneforge_siblings") for m in model.modules())
+
+
+def test_train_lora_forward_peft_keeps_peft_forward_with_the_same_values():
+    ours, theirs = _finetuned("tuneforge"), _finetuned("peft")
+    assert _switched(ours) == 35 and _switched(theirs) == 0  # 7 linear layers in each of 5 decoder layers
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        if p.requires_grad:  # lora_B != 0, so the update shows
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(p.numel()), std=0.05)
+            q.data.copy_(p.data)
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    (want, want_grads), (got, got_grads) = (grads_of(lambda x, m=m: m(input_ids=x).logits, ids, m)
+                                            for m in (theirs, ours))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == 70
+    for name in want_grads:  # fp32 rounding relative to the largest gradient of each tensor
+        assert (got_grads[name] - want_grads[name]).abs().max() <= 1e-5 * want_grads[name].abs().max(), name
+
+
+def test_a_peft_release_it_is_not_tested_with_keeps_peft_forward_and_says_so(monkeypatch, caplog):
+    import peft
+
+    monkeypatch.setattr(peft, "__version__", "0.99.0")
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        model = _finetuned("tuneforge")
+    assert _switched(model) == 0
+    assert "peft 0.99.0 is not a release tuneforge's LoRA forward is tested with (0.21.x)" in caplog.text

@@ -223,6 +223,11 @@ class TrainConfig:
     release_memory_every_steps: Optional[int] = doc(
         "CPU: return freed heap memory to the OS every N steps (glibc malloc_trim). Without it the resident size "
         "grows step after step as the allocator keeps freed activations; costs ~5% of speed at 2; null = never", 2)
+    lora_forward: Literal["tuneforge", "peft"] = doc(
+        "LoRA layers' forward: tuneforge = the update added in place into the base output, and the layers that read "
+        "one input share its cast and one down-projection product (peft's values to rounding; less memory and faster "
+        "on CPU; taken only with the peft versions it is tested with, else peft's, said in the log); peft = peft's own "
+        "forward", "tuneforge")
     compile: bool = doc("torch.compile the model (the first steps are slower while it compiles; on CPU it needs a C++ "
                         "compiler)", False)
     head_on_labels_only: bool = doc(

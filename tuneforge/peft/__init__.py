@@ -16,6 +16,7 @@ The tokenizer always sits in final/ itself."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Union
@@ -31,10 +32,11 @@ from tuneforge.models.load import apply_activation_checkpointing, checkpointing_
 from tuneforge.models.quantize import is_quantized, quiet_bitsandbytes
 from tuneforge.peft.bottleneck import CONFIG_NAME, apply_bottleneck, has_bottleneck, load_bottleneck, save_bottleneck
 from tuneforge.peft.freeze import apply_trainable, select_trainable
-from tuneforge.peft.lora_forward import use_in_place_lora_forward
+from tuneforge.peft.lora_forward import TESTED_PEFT, peft_release_tested, use_in_place_lora_forward
 from tuneforge.peft.methods import build_peft_config
 
 MANIFEST = "tuneforge_adapters.json"
+log = logging.getLogger("tuneforge")
 quiet_bitsandbytes()  # before anything imports peft (which imports bitsandbytes)
 # generate() passes position ids, which prompt methods rebuild themselves to cover their virtual tokens
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
@@ -59,11 +61,26 @@ def apply_finetuning(model, cfg: Config):
         apply_activation_checkpointing(model, cfg.distributed.activation_checkpointing)
     if cfg.peft is not None:
         model = apply_peft(model, cfg.peft)
-        use_in_place_lora_forward(model)  # same values, no output-sized temporaries (see lora_forward.py)
+        if cfg.train.lora_forward == "tuneforge":
+            apply_lora_forward(model)
         return model
     if cfg.train.trainable is not None:
         apply_trainable(model, cfg.train.trainable)
     return model
+
+
+def apply_lora_forward(model) -> int:
+    """train.lora_forward=tuneforge: the in-place LoRA forward (same values, no output-sized temporaries, shared
+    down-projections: see lora_forward.py) where the installed peft is a release it is tested with; peft's own forward,
+    said once, elsewhere. Returns the layers switched."""
+    if not peft_release_tested():
+        import peft
+
+        log.warning("peft %s is not a release tuneforge's LoRA forward is tested with (%s): LoRA layers run peft's own "
+                    "forward (train.lora_forward=peft says so without this line)", peft.__version__,
+                    ", ".join(f"{v}.x" for v in TESTED_PEFT))
+        return 0
+    return use_in_place_lora_forward(model)
 
 
 def apply_peft(model, cfg: Union[PeftConfig, list[PeftConfig]]):

@@ -121,6 +121,18 @@ def _in_place_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result.view(*x.shape[:-1], result.size(-1))
 
 
+# The peft releases this forward is tested with (major.minor): it reads peft's internals (_cast_input_dtype,
+# lora_variant, active_adapters, merged, disable_adapters, scaling, lora_dropout, lora_A / lora_B), which another
+# release may change. Outside them LoRA layers keep peft's own forward.
+TESTED_PEFT = ("0.21",)
+
+
+def peft_release_tested(version: str | None = None) -> bool:
+    import peft
+
+    return ".".join((version or peft.__version__).split(".")[:2]) in TESTED_PEFT
+
+
 def use_in_place_lora_forward(model) -> int:
     """Give every vanilla LoRA linear layer of `model` the in-place forward, and let the ones under one parent module
     share their input's cast and down-projection where the parent calls them with one input; returns how many."""
