@@ -9,7 +9,8 @@ from tuneforge.distributed import DistEnv, TrainModule
 from tuneforge.models.load import resolve_precision
 from tuneforge.models.loss import causal_lm_loss
 from tuneforge.peft import apply_peft
-from tuneforge.train.recipe import accumulate_gradients, train_step
+from tuneforge.train.objective import accumulate_gradients
+from tuneforge.train.recipe import train_step
 
 pytestmark = pytest.mark.precision  # run again under AVX2-only kernels in CI (.ci/run)
 

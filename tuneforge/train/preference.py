@@ -7,11 +7,85 @@ micro-batch b x accumulation k x ranks r gives the gradient of one batch of k*b*
 The reference and the metrics: eval/preference.py."""
 from __future__ import annotations
 
+import time
+
 import torch
 
-from tuneforge.data.pairs import PairSet, count_pairs, pair_eval_batches
-from tuneforge.distributed import DistEnv, all_reduce_tensor, evaluating, set_gradient_sync
-from tuneforge.eval.preference import SUMS, PreferenceStep, by_pair
+from tuneforge.config.rules.preference import reference_kind
+from tuneforge.data.pairs import (PairSet, build_pair_collator, count_pairs, pack_capacity, pair_eval_batches,
+                                  pair_summary_lines, prepare_pairs)
+from tuneforge.distributed import DistEnv, all_reduce_tensor, barrier, evaluating, set_gradient_sync
+from tuneforge.errors import UserError
+from tuneforge.eval.preference import SUMS, PreferenceStep, by_pair, validate_pairs
+from tuneforge.run.reference import REFERENCE_FILE, load_reference, pairs_fingerprint, save_reference
+from tuneforge.train.objective import Objective
+
+
+class PreferenceObjective(Objective):
+    """DPO and its family (the recipe's preference section): pairs in, a step's loss divided by the pairs of the
+    whole step, held-out pairs scored against the run's reference."""
+    name = "preference"
+    counts = "pairs"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.settings: PreferenceStep | None = None  # the loss settings and the reference, from start()
+
+    def prepare_data(self, tokenizer):
+        return prepare_pairs(self.cfg.data, self.cfg.preference, tokenizer)
+
+    def collator(self, tokenizer, model_config):
+        data = self.cfg.data
+        return build_pair_collator(data.batching, tokenizer.pad_token_id, data.seq_length)
+
+    def row_tokens(self, train_data) -> int:
+        data = self.cfg.data  # a packed row holds both sequences of its pairs
+        return pack_capacity(train_data.examples, data.seq_length) if data.batching == "packing" else data.seq_length
+
+    def eval_batches(self, vals: dict, tokenizer, env: DistEnv, collate) -> dict:
+        t, data = self.cfg.train, self.cfg.data
+        return {name: pair_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id, env.rank,
+                                        env.world_size, data.batching, data.seq_length)
+                for name, val in vals.items()}
+
+    def summary_lines(self, train_data, vals: dict, sampler) -> list[str]:
+        return pair_summary_lines(train_data, vals, self.cfg.data.seq_length, self.cfg.data.batching)
+
+    def start(self, training, train_data, vals: dict) -> None:
+        """The reference: adapter_off needs nothing more; precomputed log-probs are read from the run directory, or
+        computed now with the starting weights (before any step) and stored there."""
+        cfg, env = self.cfg, training.env
+        kind = reference_kind(cfg, training.strategy)
+        tables = None
+        if kind == "precomputed":
+            sets = {"train": train_data.examples, **{f"val/{name}": val.examples for name, val in vals.items()}}
+            fingerprint = pairs_fingerprint(sets)
+            tables = load_reference(training.run_dir, fingerprint)
+            if tables is None:
+                if training.state.step > 0:
+                    raise UserError(f"{training.run_dir / REFERENCE_FILE}: missing, and this run has trained past its "
+                                    "starting weights: the reference cannot be computed again; start again with "
+                                    "--overwrite")
+                started = time.perf_counter()
+                tables = compute_reference(training.state.module, sets, cfg.train.micro_batch_size,
+                                           training.tokenizer.pad_token_id, cfg.data.seq_length, cfg.data.batching,
+                                           training.precision, env)
+                if env.is_main:
+                    save_reference(training.run_dir, tables, fingerprint)
+                barrier(env)
+                training.info(f"reference: log-probs of the starting model for {sum(len(v) for v in sets.values())} "
+                              f"pairs in {time.perf_counter() - started:.1f}s, stored in {REFERENCE_FILE}")
+            else:
+                training.info(f"reference: precomputed log-probs read from {REFERENCE_FILE}")
+        else:
+            training.info(f"reference: {'none (' + cfg.preference.loss_type + ')' if kind == 'none' else kind}")
+        self.settings = PreferenceStep(cfg.preference, kind, tables)
+
+    def step(self, module, micro_batches: list[dict], precision, env: DistEnv) -> tuple[float, int, dict]:
+        return accumulate_preference(module, micro_batches, precision, env, self.settings)
+
+    def validate(self, module, val_batches: dict, precision, env: DistEnv) -> dict:
+        return validate_pairs(module, val_batches, precision, env, self.settings)
 
 
 def accumulate_preference(module, micro_batches: list[dict], precision, env: DistEnv,

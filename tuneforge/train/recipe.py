@@ -1,9 +1,9 @@
-"""The fine-tuning recipe: setup -> train_step -> train -> finish. Reads top to bottom.
+"""The fine-tuning recipe: setup -> train_step -> train -> finish. Reads top to bottom, the same for every objective.
 
-Loss of an optimizer step = (sum of token losses over all its micro-batches and ranks) / (label tokens in that
-whole step), so micro-batch b x accumulation k x ranks r gives the gradient of one batch of k*b*r exactly.
-A preference run (the recipe's preference section) takes the same path with pairs: its step's loss is divided by
-the pairs of the whole step (train/preference.py)."""
+What a run trains its model to do is its objective (train/objective.py): its data, batches, step and held-out
+metrics. SFT's step loss = (sum of token losses over all its micro-batches and ranks) / (label tokens in that whole
+step), so micro-batch b x accumulation k x ranks r gives the gradient of one batch of k*b*r exactly; a preference
+run divides by the pairs of the whole step (train/preference.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -22,19 +22,12 @@ from tuneforge.checkpoint import check_checkpoint_fits, load_checkpoint, save_ch
 from tuneforge.checkpoint.init_from import apply_init_from
 from tuneforge.checkpoint.state import TrainState
 from tuneforge.config import Config, to_dict
-from tuneforge.config.rules.preference import reference_kind
-from tuneforge.data import build_eval_batches, build_train_loader, count_input_tokens, prepare_data
+from tuneforge.data import build_train_loader, count_input_tokens
 from tuneforge.data.loader import check_packing_backend
-from tuneforge.data.pairs import (build_pair_collator, pack_capacity, pair_eval_batches, pair_summary_lines,
-                                  prepare_pairs)
-from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.data.summary import data_summary_lines
 from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
-                                   launched_world_size, needs_skeleton, set_gradient_sync, shutdown, wrap_model)
+                                   launched_world_size, needs_skeleton, shutdown, wrap_model)
 from tuneforge.errors import TrainingAborted, UserError
 from tuneforge.eval.evaluate import build_training_squad
-from tuneforge.eval.preference import PreferenceStep, validate_pairs
-from tuneforge.eval.validate import validate
 from tuneforge.models.attention import (attention_name, use_block_mask_attention, use_model_attention,
                                         use_per_example_attention)
 from tuneforge.models.classify import build_classifier_config
@@ -43,20 +36,29 @@ from tuneforge.models.head import check_split_head, set_split_verdict
 from tuneforge.models.layers import decoder_layers, transformers_model
 from tuneforge.models.load import (Precision, check_tokenizer_fits, count_parameters, load_model, load_model_skeleton,
                                    load_tokenizer, resolve_precision, store_frozen_linears)
-from tuneforge.models.loss import count_label_tokens
 from tuneforge.models.packing import PackedAttention, choose_packed_attention
 from tuneforge.peft import apply_finetuning, describe_finetuning
 from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
 from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
-from tuneforge.run.reference import REFERENCE_FILE, load_reference, pairs_fingerprint, save_reference
 from tuneforge.train.final import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink
 from tuneforge.train.optim import build_optimizer, build_scheduler
-from tuneforge.train.preference import accumulate_preference, compute_reference
+from tuneforge.train.objective import Objective
+from tuneforge.train.preference import PreferenceObjective
 from tuneforge.train.signals import StopRequest
 
 log = logging.getLogger("tuneforge")
+
+# The objectives a recipe selects by a section of its own (train/objective.py); supervised fine-tuning where none is
+# set. A new objective is its module and one entry here.
+OBJECTIVES = {"preference": PreferenceObjective}
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The recipe's objective: the one whose section it sets, else SFT."""
+    return next((cls(cfg) for section, cls in OBJECTIVES.items() if getattr(cfg, section, None) is not None),
+                Objective(cfg))
 
 
 @dataclass
@@ -78,13 +80,11 @@ class Training:
     started: float                 # perf_counter at the start of the run
     start_step: int = 0            # the step a resumed run continues after
     params: list = field(default_factory=list)  # the trainable parameters (gradient clipping)
-    preference: PreferenceStep | None = None  # a preference run's reference and loss settings; None for SFT
+    objective: Objective | None = None  # what the run trains the model to do (train/objective.py)
 
     def validate(self) -> dict:
-        """The held-out metrics: validation loss (SFT), or the preference loss and rewards of held-out pairs."""
-        if self.preference is not None:
-            return validate_pairs(self.state.module, self.val_batches, self.precision, self.env, self.preference)
-        return validate(self.state.module, self.val_batches, self.precision, self.env)
+        """The objective's held-out metrics (SFT: validation loss; preference: loss and rewards of held-out pairs)."""
+        return self.objective.validate(self.state.module, self.val_batches, self.precision, self.env)
 
     def info(self, message: str) -> None:
         if self.sink:
@@ -134,11 +134,9 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
             log.warning("model.dtype=bfloat16 on hardware without bf16 matmuls: it works, but every matmul is "
                         "emulated and training is slower than in fp32; model.dtype=auto picks fp32 here")
 
+    objective = build_objective(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.preference is not None:
-        train_data, vals = prepare_pairs(cfg.data, cfg.preference, tokenizer)
-    else:
-        train_data, vals = prepare_data(cfg.data, tokenizer, cfg.run.seed, progress=cfg.logging.progress)
+    train_data, vals = objective.prepare_data(tokenizer)
     if cfg.data.batching == "packing":
         check_packing_backend(cfg.model.attn_implementation, env.device)
     model_config = None
@@ -170,34 +168,21 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
 
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
-    pairs, row_tokens = cfg.preference is not None, cfg.data.seq_length
-    if pairs:  # a packed row holds both sequences of its pairs
-        collate = build_pair_collator(cfg.data.batching, tokenizer.pad_token_id, cfg.data.seq_length)
-        if cfg.data.batching == "packing":
-            row_tokens = pack_capacity(train_data.examples, cfg.data.seq_length)
-    else:
-        collate = build_seq2seq_collator(model.config, tokenizer, cfg.data.batching, cfg.data.seq_length)  # or None
+    collate = objective.collator(tokenizer, model.config)  # or None: the loader's own
     loader = build_train_loader(train_data.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
-                                env.rank, env.world_size, cfg.data.batching, row_tokens,
+                                env.rank, env.world_size, cfg.data.batching, objective.row_tokens(train_data),
                                 sizes=train_data.bounds_sizes, weights=train_data.weights, shuffle=cfg.data.shuffle,
                                 num_workers=cfg.data.num_workers, collate_fn=collate)
     per_epoch = loader.batch_sampler.per_rank / accum
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
-    if pairs:
-        val_batches = {name: pair_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id, env.rank,
-                                               env.world_size, cfg.data.batching, cfg.data.seq_length)
-                       for name, val in vals.items()}
-    else:
-        val_batches = {name: build_eval_batches(val.examples, t.micro_batch_size, tokenizer.pad_token_id,
-                                                env.rank, env.world_size, cfg.data.batching, cfg.data.seq_length,
-                                                collate_fn=collate)
-                       for name, val in vals.items()}
+    val_batches = objective.eval_batches(vals, tokenizer, env, collate)
     optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
     state = TrainState(module, optimizer, build_scheduler(optimizer, t.lr_scheduler, total_steps), loader)
     if resume_from is not None:
         load_checkpoint(resume_from, state, env)
     training = Training(cfg, env, strategy, plan.run_dir, precision, tokenizer, state, accum, total_steps, per_epoch,
-                        val_batches, squad=None, sink=None, started=run_started, start_step=state.step)
+                        val_batches, squad=None, sink=None, started=run_started, start_step=state.step,
+                        objective=objective)
     if training.finished:
         return training
     if env.is_main:
@@ -212,16 +197,13 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
         info(line)
     if plan.changed:
         info(f"resuming with changed settings (they do not change what a step computes): {'; '.join(plan.changed)}")
-    summary = (pair_summary_lines(train_data, vals, cfg.data.seq_length, cfg.data.batching) if pairs
-               else data_summary_lines(train_data, vals, loader.batch_sampler, cfg.data))
-    for line in summary:
+    for line in objective.summary_lines(train_data, vals, loader.batch_sampler):
         info(line)
     info(f"batch: {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accum} x "
          f"{env.world_size} process(es) [{strategy}]; {total_steps} steps ({per_epoch:.1f} per epoch)"
          + (f"; resuming after step {state.step} from {resume_from}" if resume_from else ""))
 
-    if pairs:
-        training.preference = setup_reference(training, train_data, vals)
+    objective.start(training, train_data, vals)  # e.g. a preference run's reference
     training.squad = build_training_squad(cfg, tokenizer, model, precision, env)  # the ranks share the questions
     if state.step == 0:
         baseline = training.validate() if val_batches else {}  # what the run improves on
@@ -275,37 +257,6 @@ PACKED_PATHS = {"model": "transformers' attention with its packed-sequence mask"
                 "block_mask": "the model's own attention under a block mask from the position_ids"}
 
 
-def setup_reference(training: Training, train_data, vals: dict) -> PreferenceStep:
-    """The preference step with its reference: adapter_off needs nothing more; precomputed log-probs are read from
-    the run directory, or computed now with the starting weights (before any step) and stored there."""
-    cfg, env = training.cfg, training.env
-    kind = reference_kind(cfg, training.strategy)
-    tables = None
-    if kind == "precomputed":
-        sets = {"train": train_data.examples, **{f"val/{name}": val.examples for name, val in vals.items()}}
-        fingerprint = pairs_fingerprint(sets)
-        tables = load_reference(training.run_dir, fingerprint)
-        if tables is None:
-            if training.state.step > 0:
-                raise UserError(f"{training.run_dir / REFERENCE_FILE}: missing, and this run has trained past its "
-                                "starting weights: the reference cannot be computed again; start again with "
-                                "--overwrite")
-            started = time.perf_counter()
-            tables = compute_reference(training.state.module, sets, cfg.train.micro_batch_size,
-                                       training.tokenizer.pad_token_id, cfg.data.seq_length, cfg.data.batching,
-                                       training.precision, env)
-            if env.is_main:
-                save_reference(training.run_dir, tables, fingerprint)
-            barrier(env)
-            training.info(f"reference: log-probs of the starting model for {sum(len(v) for v in sets.values())} "
-                          f"pairs in {time.perf_counter() - started:.1f}s, stored in {REFERENCE_FILE}")
-        else:
-            training.info(f"reference: precomputed log-probs read from {REFERENCE_FILE}")
-    else:
-        training.info(f"reference: {'none (' + cfg.preference.loss_type + ')' if kind == 'none' else kind}")
-    return PreferenceStep(cfg.preference, kind, tables)
-
-
 def plan_run_dir_on_main(cfg: Config, overwrite: bool, env: DistEnv) -> RunDirPlan:
     """Rank 0 decides (reading only); the others learn the outcome, including an error, so none waits forever."""
     outcome = None
@@ -328,40 +279,19 @@ def seed_everything(seed: int) -> None:
 # ---- train_step ----------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
-    loss: float          # the step's mean loss per label token (preference: per pair), over all ranks
+    loss: float          # the step's mean loss per what the objective counts (label tokens, pairs), over all ranks
     grad_norm: float     # before clipping
-    label_tokens: int    # over all micro-batches and ranks: what the loss was divided by (preference: pairs)
+    label_tokens: int    # over all micro-batches and ranks: what the loss was divided by (objective.counts)
     healthy: bool        # loss and gradient finite: the optimizer stepped
-    metrics: dict = field(default_factory=dict)  # preference: rewards/*, logps/* of the step
-
-
-def accumulate_gradients(module, micro_batches: list[dict], precision: Precision, env: DistEnv) -> tuple[float, int]:
-    """Forward and backward over one step's micro-batches; returns (mean loss per label token, label tokens), both
-    over all ranks. Each micro-batch's summed loss is divided by the label tokens of the WHOLE step (all its
-    micro-batches, all ranks), not by its own: the gradients then add up to the gradient of one big batch,
-    whatever the split. DDP and FSDP average gradients over ranks, so each rank's share is scaled back up by the
-    world size."""
-    step_tokens = all_reduce_sum(sum(count_label_tokens(mb) for mb in micro_batches), env)
-    scale = env.world_size / max(step_tokens, 1)
-    loss_sum = 0.0
-    for i, mb in enumerate(micro_batches):
-        with set_gradient_sync(module, i == len(micro_batches) - 1):  # all-reduce once, on the last micro-batch
-            with precision.context():
-                loss = module({k: v.to(env.device) for k, v in mb.items()})  # summed over its label tokens
-            (loss * scale).backward()
-        loss_sum += loss.detach()
-    return all_reduce_sum(float(loss_sum), env) / max(step_tokens, 1), int(step_tokens)
+    metrics: dict = field(default_factory=dict)  # the objective's own (preference: rewards/*, logps/*)
 
 
 def train_step(state: TrainState, micro_batches: list[dict], precision: Precision, env: DistEnv, params: list,
-               grad_clip: float | None, preference: PreferenceStep | None = None) -> StepResult:
-    """One optimizer step. A step whose loss or gradient is not finite changes no weight (the NaN guard): every
-    checkpoint then holds finite weights; the schedule still advances, so a skipped step is a step."""
-    metrics = {}
-    if preference is None:
-        loss, tokens = accumulate_gradients(state.module, micro_batches, precision, env)
-    else:
-        loss, tokens, metrics = accumulate_preference(state.module, micro_batches, precision, env, preference)
+               grad_clip: float | None, objective: Objective | None = None) -> StepResult:
+    """One optimizer step of the objective (SFT where none is given). A step whose loss or gradient is not finite
+    changes no weight (the NaN guard): every checkpoint then holds finite weights; the schedule still advances, so a
+    skipped step is a step."""
+    loss, tokens, metrics = (objective or Objective(None)).step(state.module, micro_batches, precision, env)
     grad_norm = float(clip_grad_norm(params, grad_clip))
     healthy = math.isfinite(loss) and math.isfinite(grad_norm)
     if healthy:
@@ -389,7 +319,7 @@ def train(training: Training) -> int:
             micro_batches = [next(batches) for _ in range(training.accum)]
             lr = state.scheduler.get_last_lr()[0]
             result = train_step(state, micro_batches, training.precision, env, training.params, t.grad_clip,
-                                training.preference)
+                                training.objective)
             step = state.step
             if result.healthy:
                 bad_steps = 0
@@ -412,7 +342,7 @@ def train(training: Training) -> int:
                 real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
                 metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                            "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-                           ("pairs" if training.preference else "label_tokens"): result.label_tokens,
+                           training.objective.counts: result.label_tokens,
                            **result.metrics,
                            "epoch": step / training.per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
                            **({"skipped_steps": skipped} if skipped else {})}
