@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def step_row(result, lr: float, tokens: int, seconds: float, counts: str, epoch: float, skipped: int) -> dict:
+    """A logged step's metrics: the step's result (train_step's StepResult: loss, grad_norm, what the loss was divided
+    by under the objective's name `counts`, the objective's own metrics), throughput over the real (non-padding)
+    tokens of all ranks, and the process's peak resident memory."""
+    return {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, counts: result.label_tokens, **result.metrics, "epoch": epoch,
+            "step_seconds": seconds, "peak_rss_mb": peak_rss_mb(), **({"skipped_steps": skipped} if skipped else {})}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class MetricsSink:

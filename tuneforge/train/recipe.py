@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from tuneforge.preflight import Preflight, check_checkpoint_room, preflight
 from tuneforge.report import write_report
 from tuneforge.run.dir import RunDirPlan, commit_run_dir, plan_run_dir
 from tuneforge.train.final import consolidated_state, save_final
-from tuneforge.train.metrics import MetricsSink
+from tuneforge.train.metrics import MetricsSink, step_row
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.objective import Objective
 from tuneforge.train.preference import PreferenceObjective
@@ -338,14 +337,9 @@ def train(training: Training) -> int:
 
             metrics = {}
             if step % t.log_every_steps == 0 or step == total_steps or not result.healthy:
-                seconds = time.perf_counter() - started
                 real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
-                metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                           "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-                           training.objective.counts: result.label_tokens,
-                           **result.metrics,
-                           "epoch": step / training.per_epoch, "step_seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
-                           **({"skipped_steps": skipped} if skipped else {})}
+                metrics = step_row(result, lr, int(real_tokens), time.perf_counter() - started,
+                                   training.objective.counts, step / training.per_epoch, skipped)
             if training.val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
                 metrics.update(training.validate())
             if training.squad is not None:
@@ -436,7 +430,3 @@ def summarize(metrics_path: Path, seconds: float) -> str:
         (s0, em0, f0), (s1, em1, f1) = squad[0], squad[-1]
         parts.append(f"squad EM/F1 {em0:.1f}/{f0:.1f} (step {s0}) -> {em1:.1f}/{f1:.1f} (step {s1})")
     return "done: " + "; ".join(parts) + f"; output in {metrics_path.parent / 'final'}"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
