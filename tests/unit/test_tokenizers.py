@@ -10,7 +10,8 @@ from tuneforge.config.schema import ModelConfig
 from tuneforge.data import IGNORE, tokenize_records
 from tuneforge.data.loader import Collator, PackedCollator
 from tuneforge.data.records import DEFAULT_TEMPLATES, Record
-from tuneforge.data.tokenize import _cut_left, tokenize_chat
+from tuneforge.data.tokenize import tokenize_chat
+from tuneforge.data.truncate import cut_left
 from tuneforge.errors import UserError
 from tuneforge.models.load import check_tokenizer_fits, load_tokenizer
 
@@ -69,7 +70,7 @@ def test_left_truncation_without_bos_keeps_the_answer(byte_bpe):
     tok = byte_bpe
     ex = tokenize_records([record(prompt="Name the river that runs north. " * 4)], tok,
                           DEFAULT_TEMPLATES["input_output"], 512)[0][0]
-    cut = _cut_left(ex, tok, len(ex.input_ids) - 5)
+    cut = cut_left(ex, tok, len(ex.input_ids) - 5)
     assert cut.input_ids == ex.input_ids[5:] and labelled(cut) == labelled(ex)
 
 
@@ -80,7 +81,7 @@ def test_sentencepiece_with_bos_masks_the_bos_and_keeps_it_when_cut():
                           512)[0][0]
     assert ex.input_ids[0] == tok.bos_token_id and ex.labels[0] == IGNORE
     assert labelled(ex)[-1] == tok.eos_token_id and ex.input_ids.count(tok.eos_token_id) == 1
-    cut = _cut_left(ex, tok, len(ex.input_ids) - 6)
+    cut = cut_left(ex, tok, len(ex.input_ids) - 6)
     assert cut.input_ids[0] == tok.bos_token_id and cut.input_ids[1:] == ex.input_ids[7:]
     assert labelled(cut) == labelled(ex)
 

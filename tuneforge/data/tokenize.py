@@ -2,13 +2,15 @@
 
 Labels are -100 on prompt tokens (unless train_on_inputs), so the loss sees only the completion and its eos.
 Over-long examples shorten the truncatable field (the QA context, keeping a window around the answer) or the
-left of the prompt; the completion is never cut, and examples that still do not fit are dropped and counted."""
+left of the prompt (`truncate.py`); the completion is never cut, and examples that still do not fit are dropped and
+counted."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
 from tuneforge.data.records import DEFAULT_TEMPLATES, Record
+from tuneforge.data.truncate import cut_left, fit_chat, shorten_contexts
 from tuneforge.errors import UserError
 
 IGNORE = -100
@@ -71,24 +73,14 @@ def chat_prompts_for(data, tokenizer, source: str = "data") -> ChatPrompts | Non
 def fit_chat_records(records: list[Record], template: str, chat: ChatPrompts, tokenizer, seq_length: int,
                      source: str) -> list[Record]:
     """Records as conversations (prompt as the user turn, completion as the assistant's). A conversation longer
-    than seq_length loses text from the end of its truncatable field (the QA context), never from the answer,
-    re-rendered until it fits (a few rounds: tokens are about proportional to characters)."""
-    out = []
-    for record in records:
-        for _ in range(6):
-            prompt = render_prompt(_template_of(template, record), record, source)
-            messages = chat.messages(prompt, record.completion.strip())  # a chat answer opens its own turn
-            text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat.template)
-            excess = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - seq_length
-            field_name = record.truncatable
-            if excess <= 0 or not field_name or field_name not in record.fields or not record.fields[field_name]:
-                break
-            cut = _cut_around(record.fields[field_name], record.fields.get("answer"), excess + 2, tokenizer)
-            record = Record(dict(record.fields, **{field_name: cut}), record.completion, record.id,
-                            record.references, record.truncatable, template=record.template)
-        out.append(Record(record.fields, record.completion, record.id, record.references, record.truncatable,
-                          messages=messages, template=record.template))
-    return out
+    than seq_length loses text from its truncatable field (the QA context) around the answer, never the answer
+    (`fit_chat`); `tokenize_chat` cuts what is still over from the left."""
+    def render(record: Record) -> str:
+        return render_prompt(_template_of(template, record), record, source)
+
+    # a chat answer opens its own turn: no leading space
+    return [fit_chat(r, render, chat, tokenizer, seq_length, r.completion.strip(), use_answer=True)[0]
+            for r in records]
 
 
 def _template_of(template: str, record: Record) -> str:
@@ -115,17 +107,23 @@ def tokenize_records(records: list[Record], tokenizer, template: str, seq_length
                         add_special_tokens=True)
         for i, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
             encoded[i] = _finish(ids, offsets, len(prompts[i]), tokenizer, train_on_inputs)
-    jobs = []
+    contexts = []  # examples whose QA context is cut, all together
     for i, (record, prompt, ex) in enumerate(zip(records, prompts, encoded)):
         if len(ex.input_ids) <= seq_length:
             continue
-        if _cuts_context(record, prompt, ex, seq_length, train_on_inputs, truncation):
-            jobs.append((i, record, _template_of(template, record), ex))
-            continue
-        encoded[i] = _shorten(record, _template_of(template, record), prompt, ex, tokenizer, seq_length,
-                              train_on_inputs, source, stats, truncation)
-        stats.truncated += encoded[i] is not None
-    for i, ex in _shorten_contexts(jobs, tokenizer, seq_length, train_on_inputs, source).items():
+        why = _why_drop(prompt, ex, seq_length, train_on_inputs, truncation)
+        if why:
+            stats.dropped[why] += 1
+            encoded[i] = None
+        elif truncation == "auto" and prompt and record.truncatable and record.truncatable in record.fields:
+            contexts.append(i)
+        else:  # plain text keeps its first seq_length tokens, a prompt loses tokens from its left
+            encoded[i] = (cut_left(ex, tokenizer, seq_length) if prompt
+                          else Example(ex.input_ids[:seq_length], ex.labels[:seq_length]))
+            stats.truncated += 1
+    shortened = _shorten_contexts([records[i] for i in contexts], [encoded[i] for i in contexts], template,
+                                  tokenizer, seq_length, train_on_inputs, source)
+    for i, ex in zip(contexts, shortened):
         encoded[i] = ex
         if ex is None:
             stats.dropped["too long after truncating the context"] += 1
@@ -223,98 +221,30 @@ def _finish(ids: list[int], offsets, prompt_chars: int, tokenizer, train_on_inpu
     return Example(ids, labels)
 
 
-def _encode(tokenizer, prompt: str, completion: str, train_on_inputs: bool) -> Example:
-    enc = tokenizer(prompt + completion, return_offsets_mapping=True, add_special_tokens=True)
-    return _finish(enc["input_ids"], enc["offset_mapping"], len(prompt), tokenizer, train_on_inputs)
-
-
-def _shorten(record: Record, template: str, prompt: str, ex: Example, tokenizer, seq_length: int,
-             train_on_inputs: bool, source: str, stats: TokenizeStats, truncation: str = "auto") -> Example | None:
+def _why_drop(prompt: str, ex: Example, seq_length: int, train_on_inputs: bool, truncation: str) -> str | None:
+    """Why an example longer than seq_length is dropped rather than cut, or None."""
     if truncation == "drop":
-        stats.dropped["longer than seq_length (truncation: drop)"] += 1
-        return None
-    if not prompt:  # plain text: keep the first seq_length tokens
-        return Example(ex.input_ids[:seq_length], ex.labels[:seq_length])
-    n_completion = sum(1 for label in ex.labels if label != IGNORE) if not train_on_inputs else None
-    if n_completion is not None and n_completion + 8 > seq_length:
-        stats.dropped["completion longer than seq_length"] += 1
-        return None
-    if truncation == "auto" and record.truncatable and record.truncatable in record.fields:
-        # Re-render with a shorter context; a few rounds converge because tokens ~ proportional to characters.
-        text = record.fields[record.truncatable]
-        for _ in range(6):
-            excess = len(ex.input_ids) - seq_length
-            if excess <= 0:
-                return ex
-            text = _cut_around(text, record.fields.get("answer"), excess + 2, tokenizer)
-            if not text:
-                break
-            fields = dict(record.fields, **{record.truncatable: text})
-            prompt = render_prompt(template, Record(fields, record.completion), source)
-            ex = _encode(tokenizer, prompt, record.completion, train_on_inputs)
-        if len(ex.input_ids) <= seq_length:
-            return ex
-        stats.dropped["too long after truncating the context"] += 1
-        return None
-    # No truncatable field: cut tokens from the left of the prompt, keeping a leading bos.
-    return _cut_left(ex, tokenizer, seq_length)
+        return "longer than seq_length (truncation: drop)"
+    if prompt and not train_on_inputs and sum(1 for label in ex.labels if label != IGNORE) + 8 > seq_length:
+        return "completion longer than seq_length"
+    return None
 
 
-def _cuts_context(record: Record, prompt: str, ex: Example, seq_length: int, train_on_inputs: bool,
-                  truncation: str) -> bool:
-    """Whether `_shorten` would take its shorten-the-context branch (batched by `_shorten_contexts`)."""
-    if truncation != "auto" or not prompt or not record.truncatable or record.truncatable not in record.fields:
-        return False
-    return train_on_inputs or sum(1 for label in ex.labels if label != IGNORE) + 8 <= seq_length
+def _shorten_contexts(records: list[Record], examples: list[Example], template: str, tokenizer, seq_length: int,
+                      train_on_inputs: bool, source: str) -> list[Example | None]:
+    """The examples re-tokenized with their QA context cut to fit seq_length (`shorten_contexts`: a few rounds,
+    each one batched tokenizer call), None where the context cannot be cut enough."""
+    def measure(cut: list[Record]) -> list[tuple[int, Example]]:
+        prompts = [render_prompt(_template_of(template, r), r, source) for r in cut]
+        enc = tokenizer([p + r.completion for p, r in zip(prompts, cut)], return_offsets_mapping=True,
+                        add_special_tokens=True)
+        out = [_finish(ids, offs, len(p), tokenizer, train_on_inputs)
+               for p, ids, offs in zip(prompts, enc["input_ids"], enc["offset_mapping"])]
+        return [(len(ex.input_ids), ex) for ex in out]
 
-
-def _shorten_contexts(jobs: list[tuple[int, Record, str, Example]], tokenizer, seq_length: int,
-                      train_on_inputs: bool, source: str) -> dict[int, Example | None]:
-    """`_shorten`'s context loop for many examples at once, with the same result per example: each round
-    tokenizes the texts it cuts and the prompts it re-renders in one batched call each, instead of two calls per
-    example (SQuAD at seq_length 512 with a 512-token vocabulary truncates half of its 87k examples)."""
-    state = {i: [record, template, record.fields[record.truncatable], ex] for i, record, template, ex in jobs}
-    done: dict[int, Example | None] = {}
-    active = list(state)
-    for _ in range(6):
-        over = []
-        for i in active:
-            if len(state[i][3].input_ids) <= seq_length:
-                done[i] = state[i][3]
-            else:
-                over.append(i)
-        if not over:
-            active = []
-            break
-        texts = list(dict.fromkeys(state[i][2] for i in over))
-        offsets = dict(zip(texts, tokenizer(texts, return_offsets_mapping=True,
-                                            add_special_tokens=False)["offset_mapping"]))
-        renders = []
-        for i in over:
-            record, template, text, ex = state[i]
-            text = _cut_at(text, record.fields.get("answer"), len(ex.input_ids) - seq_length + 2, offsets[text])
-            if not text:
-                done[i] = None
-                continue
-            state[i][2] = text
-            fields = dict(record.fields, **{record.truncatable: text})
-            renders.append((i, render_prompt(template, Record(fields, record.completion), source)))
-        enc = tokenizer([p + state[i][0].completion for i, p in renders], return_offsets_mapping=True,
-                        add_special_tokens=True) if renders else {"input_ids": [], "offset_mapping": []}
-        for (i, prompt), ids, offs in zip(renders, enc["input_ids"], enc["offset_mapping"]):
-            state[i][3] = _finish(ids, offs, len(prompt), tokenizer, train_on_inputs)
-        active = [i for i, _ in renders]
-    for i in active:
-        done[i] = state[i][3] if len(state[i][3].input_ids) <= seq_length else None
-    return done
-
-
-def _cut_left(ex: Example, tokenizer, seq_length: int) -> Example:
-    keep_bos = 1 if tokenizer.bos_token_id is not None and ex.input_ids[:1] == [tokenizer.bos_token_id] else 0
-    cut = len(ex.input_ids) - seq_length
-    ids = ex.input_ids[:keep_bos] + ex.input_ids[keep_bos + cut:]
-    labels = ex.labels[:keep_bos] + ex.labels[keep_bos + cut:]
-    return Example(ids, labels)
+    shortened = shorten_contexts(records, [(len(ex.input_ids), ex) for ex in examples], measure, seq_length, tokenizer,
+                                 use_answer=True)
+    return [ex if ex is not None and len(ex.input_ids) <= seq_length else None for _, ex in shortened]
 
 
 def _chat_template(tokenizer, chat_template: str | None, source: str, what: str = "format chat") -> str:
@@ -370,27 +300,7 @@ def tokenize_chat(records: list[Record], tokenizer, seq_length: int, train_on_in
                 if truncation == "drop":
                     stats.dropped["longer than seq_length (truncation: drop)"] += 1
                     continue
-                ex = _cut_left(ex, tokenizer, seq_length)
+                ex = cut_left(ex, tokenizer, seq_length)
                 stats.truncated += 1
             examples.append(ex)
     return _keep_labelled(examples, stats, source)
-
-
-def _cut_around(text: str, answer: str | None, n_tokens: int, tokenizer) -> str:
-    """Drop about n_tokens tokens from `text`, from the end if the answer stays inside, else from the start."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    return _cut_at(text, answer, n_tokens, enc["offset_mapping"])
-
-
-def _cut_at(text: str, answer: str | None, n_tokens: int, offsets) -> str:
-    keep = len(offsets) - n_tokens
-    if keep <= 0:
-        return ""
-    pos = text.find(answer) if answer else -1
-    if pos < 0 or offsets[keep - 1][1] >= pos + len(answer):
-        return text[: offsets[keep - 1][1]]
-    # Keep a window that ends a little after the answer.
-    end_tok = next((k for k, (s, e) in enumerate(offsets) if e >= pos + len(answer)), len(offsets) - 1)
-    last = min(len(offsets) - 1, end_tok + 16)
-    first = max(0, last - keep + 1)
-    return text[offsets[first][0]: offsets[last][1]]

@@ -17,7 +17,8 @@ from tuneforge.data import build_eval_batches, load_records, prepare_source, sou
 from tuneforge.data.pairs import pair_eval_batches, prepare_pair_set
 from tuneforge.data.records import Record
 from tuneforge.data.seq2seq import build_seq2seq_collator
-from tuneforge.data.tokenize import _cut_around, chat_prompts_for, render_prompt
+from tuneforge.data.tokenize import chat_prompts_for, render_prompt
+from tuneforge.data.truncate import fit_chat, fit_plain_prompt
 from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, evaluating, forwards_in_lockstep, unwrap_ddp
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
@@ -65,38 +66,12 @@ def fit_prompt(record: Record, template: str, tokenizer, budget: int, source: st
     """The rendered prompt, shortened to `budget` tokens. The context is cut from its end without looking at the
     gold answer (which training may use to place its window, but an honest evaluation may not). With `chat`
     (data.prompt_style chat) the prompt is the user turn of the chat template, ready for the assistant's answer."""
-    if chat is not None:
-        return _fit_chat_prompt(record, template, tokenizer, budget, source, chat)
-    prompt = render_prompt(template, record, source)
-    field = record.truncatable if record.truncatable in record.fields else None
-    for _ in range(6):
-        excess = len(tokenizer(prompt)["input_ids"]) - budget
-        if excess <= 0 or field is None:
-            break
-        text = _cut_around(record.fields[field], None, excess + 2, tokenizer)
-        record = Record(dict(record.fields, **{field: text}), record.completion, record.id, record.references,
-                        record.truncatable)
-        prompt = render_prompt(template, record, source)
-        if not text:
-            break
-    excess = len(tokenizer(prompt)["input_ids"]) - budget
-    if excess > 0:  # nothing left to cut inside: drop text from the left of the prompt
-        offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
-        prompt = prompt[offsets[min(excess + 1, len(offsets) - 1)][0]:]
-    return prompt
+    def render(r: Record) -> str:
+        return render_prompt(template, r, source)
 
-
-def _fit_chat_prompt(record: Record, template: str, tokenizer, budget: int, source: str, chat) -> str:
-    field = record.truncatable if record.truncatable in record.fields else None
-    for _ in range(6):
-        prompt = chat.render(tokenizer, render_prompt(template, record, source))
-        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - budget
-        if excess <= 0 or field is None or not record.fields[field]:
-            return prompt
-        text = _cut_around(record.fields[field], None, excess + 2, tokenizer)
-        record = Record(dict(record.fields, **{field: text}), record.completion, record.id, record.references,
-                        record.truncatable)
-    return prompt  # cutting the turn markers would only garble it: a prompt over budget stays whole
+    if chat is not None:  # cutting the turn markers would only garble it: a prompt over budget stays whole
+        return fit_chat(record, render, chat, tokenizer, budget, use_answer=False)[1]
+    return fit_plain_prompt(record, render, tokenizer, budget)
 
 
 @dataclass
