@@ -271,9 +271,10 @@ def prepare_pairs(data: DataConfig, pref: PreferenceConfig, tokenizer) -> tuple[
 
 def pack_capacity(pairs: PairSet, seq_length: int) -> int:
     """Tokens of a packed row of pairs: seq_length, or the longest pair where a pair (both sequences, which share
-    a row) is longer. Rows no longer than that keep attention cheap: sdpa on CPU attends over the whole row with a
-    block mask, so a row twice as long costs four times the attention (measured: rows of 2 x seq_length made
-    packing 0.7x the speed of padding on SQuAD pairs, benchmarks/RESULTS.md)."""
+    a row) is longer. Measured before packed rows attended per example, when sdpa attended over the whole row under
+    a block mask: rows of 2 x seq_length made packing 0.7x the speed of padding on SQuAD pairs (benchmarks/RESULTS.md).
+    Per-example attention no longer pays for the row's length, but the rows' size also bounds a micro-batch's
+    activations, so it stays."""
     return max(seq_length, int(pairs.lengths.max()) if len(pairs) else 0)
 
 
