@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tuneforge.config.rules import check_world
 from tuneforge.config.rules.kind import check_kind
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, DataConfig, LoggingConfig, ModelConfig, RunConfig
 from tuneforge.errors import UserError, first_line
 from tuneforge.models.backend import AttentionChoice, choose_attention
 from tuneforge.models.kind import resolve_kind
@@ -35,29 +35,29 @@ def preflight(cfg: Config, world_size: int = 1, warn: bool = True) -> Preflight:
     """Refuse a recipe this machine cannot start, before any weights or data load. `warn=False` leaves the warnings
     to the training processes (the launcher's own pre-flight), which print them as a one-process run does."""
     strategy = check_world(cfg, world_size)  # a Config may reach here loaded for another process count
-    check_wandb(cfg)
-    check_output_dir(cfg)
-    config = read_model_config(cfg)
+    check_wandb(cfg.logging)
+    check_output_dir(cfg.run)
+    config = read_model_config(cfg.model)
     kind = resolve_kind(cfg.model, config)
-    check_architecture(cfg, config, kind)
+    check_architecture(cfg.model, config, kind)
     check_kind(cfg, kind)
     attention = choose_attention(cfg.model, config, kind)  # an explicit backend the architecture lacks: refused here
     if warn:
-        check_seq_length(cfg, config)
+        check_seq_length(cfg.data, config)
     return Preflight(strategy, kind, attention)
 
 
-def check_wandb(cfg: Config) -> None:
-    if cfg.logging.wandb is not None:
+def check_wandb(logging_cfg: LoggingConfig) -> None:
+    if logging_cfg.wandb is not None:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("logging.wandb is set but wandb is not installed: pip install 'tuneforge[wandb]'") from None
 
 
-def check_output_dir(cfg: Config) -> None:
+def check_output_dir(run: RunConfig) -> None:
     """The run directory's parent exists or can be made, and a file can be written there."""
-    parent = Path(cfg.run.output_dir)
+    parent = Path(run.output_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".tuneforge-write-test-"):
@@ -66,11 +66,10 @@ def check_output_dir(cfg: Config) -> None:
         raise UserError(f"run.output_dir: cannot write to '{parent}' ({e.strerror or e})") from None
 
 
-def read_model_config(cfg: Config):
+def read_model_config(m: ModelConfig):
     """The model's config.json (from its directory, or the Hub cache or the Hub), without weights."""
     from transformers import AutoConfig
 
-    m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code, **({"revision": m.revision} if m.revision else {})}
     try:
         return AutoConfig.from_pretrained(m.name_or_path, **kwargs)
@@ -86,19 +85,19 @@ def read_model_config(cfg: Config):
         raise UserError(f"model.name_or_path: '{m.name_or_path}' has no usable config.json ({first_line(e)})") from None
 
 
-def check_architecture(cfg: Config, config, kind: str) -> None:
+def check_architecture(m: ModelConfig, config, kind: str) -> None:
     """The config names an architecture the kind's Auto class can build: AutoModelForSeq2SeqLM for seq2seq,
     AutoModelForCausalLM otherwise (a sequence classifier is built on a causal LM's backbone)."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING)
 
-    name = cfg.model.name_or_path
+    name = m.name_or_path
     if kind == "seq2seq":
         if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
             raise UserError(f"model.kind: seq2seq, but '{name}' is a {config.model_type!r} model that "
                             "AutoModelForSeq2SeqLM cannot load")
         return
-    remote = bool(getattr(config, "auto_map", {}) or {}) and cfg.model.trust_remote_code
+    remote = bool(getattr(config, "auto_map", {}) or {}) and m.trust_remote_code
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
         raise UserError(f"model.name_or_path: '{name}' is a {config.model_type!r} model without a causal-LM "
                         "head (AutoModelForCausalLM cannot load it)")
@@ -110,11 +109,11 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def check_seq_length(cfg: Config, config) -> None:
+def check_seq_length(data: DataConfig, config) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and cfg.data.seq_length > limit:
+    if limit and data.seq_length > limit:
         log.warning("data.seq_length %d exceeds the model's %d positions (max_position_embeddings); positions past "
-                    "%d are outside what it was trained on", cfg.data.seq_length, limit, limit)
+                    "%d are outside what it was trained on", data.seq_length, limit, limit)
 
 
 def check_checkpoint_room(run_dir: Path, trainable: int, cfg: Config) -> None:

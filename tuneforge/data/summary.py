@@ -107,17 +107,17 @@ def print_data_report(cfg: Config, tokenizer, out: str | None = None) -> None:
     print("example 0 (trained-on tokens between >>> and <<<):")
     print(render_example(tokenizer, ex.input_ids, ex.labels))
     if out is not None:
-        write_formatted(cfg, train, Path(out))
+        write_formatted(cfg.data, train, Path(out))
         print(f"wrote {len(train.records):,} formatted records to {out}")
 
 
-def write_formatted(cfg: Config, train: PreparedData, path: Path) -> None:
+def write_formatted(data: DataConfig, train: PreparedData, path: Path) -> None:
     """The rendered prompt (input) and completion (output) of every training record, as jsonl."""
-    sources = as_sources(cfg.data.train)
+    sources = as_sources(data.train)
     with open(path, "w", encoding="utf-8") as f:
         k = 0
         for source, report in zip(sources, train.sources):
-            template = template_for(cfg.data, source)
+            template = template_for(data, source)
             n = report.records - sum(v for why, v in report.stats.dropped.items() if why.startswith("unanswerable"))
             for record in train.records[k:k + n]:
                 if record.messages is not None:

@@ -14,6 +14,7 @@ import yaml
 
 from tuneforge.checkpoint import find_latest
 from tuneforge.config import Config, dump_config, to_dict
+from tuneforge.config.schema import RunConfig
 from tuneforge.errors import UserError
 
 # Keys a resumed run may change: they steer logging, evaluation, checkpoint cadence and where the run stops, not
@@ -33,14 +34,14 @@ class RunDirPlan:
     changed: list[str] = field(default_factory=list)     # safe keys that differ from the recorded config
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
+def run_dir_of(run: RunConfig) -> Path:
+    return Path(run.output_dir) / run.name
 
 
 def plan_run_dir(cfg: Config, overwrite: bool) -> RunDirPlan:
     """The run directory and the checkpoint to resume from; reads only. An existing run is never silently replaced,
     and a resume whose recipe trains differently from the recorded one is refused."""
-    run_dir = run_dir_of(cfg)
+    run_dir = run_dir_of(cfg.run)
     explicit = None if cfg.checkpoint.resume in ("auto", "never") else Path(cfg.checkpoint.resume)
     if not run_dir.exists():
         return RunDirPlan(run_dir, explicit)
