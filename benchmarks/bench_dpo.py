@@ -3,11 +3,20 @@ batches, order and hyper-parameters, alternating in one invocation, each side in
 
     pip install --no-deps trl==1.16.0          # the other side; tuneforge itself does not need it
     PYTHONPATH=. python benchmarks/bench_dpo.py [--out RESULTS.json] [--work /tmp/tuneforge-bench-dpo] \\
-        [--parts parity-a,parity-b,packing,auto,adapter-off]
+        [--parts parity-a,parity-b,packing,auto,adapter-off] [--losses sigmoid,ipo,hinge] [--trl-python PYTHON]
+
+or, with TRL kept out of tuneforge's environment, in a virtualenv of its own holding the same torch, transformers
+and peft (the TRL side then runs under that interpreter; tuneforge's side and this script under the current one):
+
+    python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 trl==1.16.0 transformers==5.23.0 \\
+        peft==0.21.2
+    PYTHONPATH=. python benchmarks/bench_dpo.py --parts parity-a --losses sigmoid,bco_pair \\
+        --trl-python /tmp/trlvenv/bin/python
 
 What is run (every run fp32 on CPU unless said otherwise; 10 optimizer steps of micro batch 2 x accumulation 2 =
 4 pairs a step, the pairs in file order; beta 0.1; AdamW fused, betas (0.9, 0.999), eps 1e-8, weight decay 0,
-constant lr, no warmup, grad-norm clip 1.0; loss types sigmoid, ipo and hinge)
+constant lr, no warmup, grad-norm clip 1.0; loss types sigmoid, ipo and hinge, or those of --losses: any
+preference.loss_type that TRL's DPOTrainer has under the same name, e.g. bco_pair)
   parity-a  full fine-tuning of assets/models/stories260K (512 positions), lr 5e-4, seq_length / max_length 256, on
             the first 40 shipped SQuAD pairs (assets/data/squad_pairs/train.jsonl) with the context cut off: prompt
             "Question: ... Answer:", chosen/rejected " <answer>" (leading space). tuneforge's reference is
@@ -56,7 +65,7 @@ REPO = HERE.parent
 PAIRS_SRC = REPO / "assets" / "data" / "squad_pairs" / "train.jsonl"
 STORIES = REPO / "assets" / "models" / "stories260K"
 GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-LOSSES = ("sigmoid", "ipo", "hinge")
+LOSSES = ("sigmoid", "ipo", "hinge")  # the default of --losses
 STEPS, MICRO, ACCUM, BETA, SEED = 10, 2, 2, 0.1, 0
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 CONFIGS = {
@@ -209,11 +218,11 @@ def run_tuneforge(work: Path, recipe: Path) -> dict:
 
 
 def run_trl(work: Path, name: str, pairs: Path, model_dir: Path, loss_type: str, lr: float, max_length: int,
-            lora: dict | None) -> dict:
+            lora: dict | None, python: str) -> dict:
     out = work / "trl" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(HERE / "dpo_trl_side.py"), "--pairs", str(pairs), "--model", str(model_dir),
+    cmd = [python, str(HERE / "dpo_trl_side.py"), "--pairs", str(pairs), "--model", str(model_dir),
            "--out", str(out), "--loss-type", loss_type, "--beta", str(BETA), "--steps", str(STEPS),
            "--micro-batch", str(MICRO), "--accumulation", str(ACCUM), "--lr", str(lr), "--max-length",
            str(max_length), "--seed", str(SEED)] + (["--lora", json.dumps(lora)] if lora else [])
@@ -280,11 +289,20 @@ def token_check(recipe: Path, trl_ids: list, model_dir: Path) -> dict:
 
 
 # ---- the whole benchmark -----------------------------------------------------------------------------------------
-def machine() -> dict:
+def trl_versions(python: str) -> dict:
+    """The versions the TRL side runs with (its interpreter may be another virtualenv's)."""
+    code = ("import json, peft, torch, transformers, trl; print(json.dumps({'trl': trl.__version__, 'torch': "
+            "torch.__version__, 'transformers': transformers.__version__, 'peft': peft.__version__}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=child_env())
+    if out.returncode != 0:
+        raise SystemExit(f"{python} cannot import trl (pip install trl==1.16.0 there):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine(trl_python: str) -> dict:
     import peft
     import torch
     import transformers
-    import trl
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
@@ -292,18 +310,19 @@ def machine() -> dict:
     return {"cpu": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "trl": trl.__version__, "torch_threads": torch.get_num_threads(),
+            "trl": trl_versions(trl_python), "trl_python": trl_python, "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg_start": os.getloadavg()}
 
 
-def parity_config(key: str, work: Path, results: dict, model_dir: Path, pairs: Path, adapter: Path | None) -> None:
+def parity_config(key: str, work: Path, results: dict, model_dir: Path, pairs: Path, adapter: Path | None,
+                  losses: tuple[str, ...], trl_python: str) -> None:
     c = CONFIGS[key]
     model = str(GGUF) if c["lora"] else str(STORIES)
     trl_lora = {**LORA, "init_adapter": str(adapter)} if c["lora"] else None
     part = results.setdefault(f"parity-{key}", {"title": c["title"], "lr": c["lr"], "seq_length": c["seq_length"],
                                                 "pairs": str(pairs), "model_tuneforge": model,
                                                 "model_trl": str(model_dir), "losses": {}})
-    for n, loss in enumerate(LOSSES):
+    for n, loss in enumerate(losses):
         recipe = tf_recipe(work, f"{key}-{loss}", model, pairs, c["seq_length"], c["lr"], loss, MICRO,
                            MICRO * ACCUM, lora=c["lora"], init_from=adapter)
         order = ("tuneforge", "trl") if n % 2 == 0 else ("trl", "tuneforge")  # alternate who runs first
@@ -312,7 +331,7 @@ def parity_config(key: str, work: Path, results: dict, model_dir: Path, pairs: P
             print(f"[{key}/{loss}] {side} ...", flush=True)
             runs[side] = (run_tuneforge(work, recipe) if side == "tuneforge" else
                           run_trl(work, f"{key}-{loss}-trl", pairs, model_dir, loss, c["lr"], c["seq_length"],
-                                  trl_lora))
+                                  trl_lora, trl_python))
         entry = {"order": list(order), "parity": parity(runs["tuneforge"], runs["trl"]),
                  "speed": {s: speed(r) for s, r in runs.items()},
                  "runs": {s: {k: v for k, v in r.items() if k != "token_ids"} for s, r in runs.items()}}
@@ -333,11 +352,13 @@ def tuneforge_only(work: Path, results: dict, name: str, recipe: Path) -> None:
 
 def report(results: dict) -> str:
     m = results["machine"]
+    t = m["trl"]
     out = [f"Machine: {m['cpus']} CPUs, {m['cpu']} (avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, amx "
            f"{'yes' if m['amx_bf16'] or m['amx_tile'] else 'no'}), torch threads {m['torch_threads']}, "
            f"OMP_NUM_THREADS {m['OMP_NUM_THREADS'] or 'unset'}; load average {m['load_avg_start'][0]:.2f} at the "
            f"start, {results['load_avg_end'][0]:.2f} at the end. Python {m['python']}, torch {m['torch']}, "
-           f"transformers {m['transformers']}, peft {m['peft']}, trl {m['trl']}. Total {results['wall_s']:.0f} s.",
+           f"transformers {m['transformers']}, peft {m['peft']}; TRL side ({m['trl_python']}): trl {t['trl']}, "
+           f"torch {t['torch']}, transformers {t['transformers']}, peft {t['peft']}. Total {results['wall_s']:.0f} s.",
            ""]
     for key in ("a", "b"):
         part = results.get(f"parity-{key}")
@@ -438,6 +459,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/tuneforge-bench-dpo")
     ap.add_argument("--out", default=None, help="results json (default WORK/results.json)")
     ap.add_argument("--parts", default="parity-a,parity-b,adapter-off,packing,auto")
+    ap.add_argument("--losses", default=",".join(LOSSES), help="loss types of the parity runs (TRL's names)")
+    ap.add_argument("--trl-python", default=sys.executable,
+                    help="the interpreter of the TRL side, e.g. a virtualenv with trl (default: this one)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -447,24 +471,25 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(args.work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    parts = set(args.parts.split(","))
-    results: dict = {"machine": machine(), "command": " ".join(sys.argv), "settings": {
+    parts, losses = set(args.parts.split(",")), tuple(args.losses.split(","))
+    results: dict = {"machine": machine(args.trl_python), "command": " ".join(sys.argv), "settings": {
         "steps": STEPS, "micro": MICRO, "accumulation": ACCUM, "beta": BETA, "seed": SEED, "lora": LORA,
-        "configs": CONFIGS, "tolerance": TOL}}
-    smol = smollm_dir()
-    results["smollm_dir"] = str(smol)
-    pairs_b, pairs_pack, pack_seq, stats = build_pairs_b(work, smol)
-    results["pairs_b_stats"], results["packing_seq_length"] = stats, pack_seq
+        "configs": CONFIGS, "tolerance": TOL, "losses": losses}}
     adapter = work / "init_adapter"
+    if parts & {"parity-b", "adapter-off", "packing", "auto"}:  # SmolLM2: dequantized once, then cached
+        smol = smollm_dir()
+        results["smollm_dir"] = str(smol)
+        pairs_b, pairs_pack, pack_seq, stats = build_pairs_b(work, smol)
+        results["pairs_b_stats"], results["packing_seq_length"] = stats, pack_seq
     if parts & {"parity-b", "packing", "auto"}:
         status = subprocess.run([sys.executable, __file__, "--child", "adapter", "--model-dir", str(smol),
                                  "--adapter", str(adapter)], cwd=REPO, env=child_env()).returncode
         if status != 0:
             raise SystemExit("making the init adapter failed")
     if "parity-a" in parts:
-        parity_config("a", work, results, STORIES, build_pairs_a(work), None)
+        parity_config("a", work, results, STORIES, build_pairs_a(work), None, losses, args.trl_python)
     if "parity-b" in parts:
-        parity_config("b", work, results, smol, pairs_b, adapter)
+        parity_config("b", work, results, smol, pairs_b, adapter, losses, args.trl_python)
     if "adapter-off" in parts:
         tuneforge_only(work, results, "adapter-off", tf_recipe(
             work, "b-sigmoid-adapter-off", str(GGUF), pairs_b, CONFIGS["b"]["seq_length"], CONFIGS["b"]["lr"],

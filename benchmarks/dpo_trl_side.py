@@ -2,6 +2,7 @@
 trains, so that the two per-step curves can be compared number for number.
 
     pip install --no-deps trl==1.16.0     # the other side; tuneforge itself does not need it
+                                          # (or a virtualenv of its own: bench_dpo.py --trl-python)
     python benchmarks/dpo_trl_side.py --pairs pairs.jsonl --model assets/models/stories260K --out trl.json \\
         --loss-type sigmoid --beta 0.1 --steps 10 --micro-batch 2 --accumulation 2 --lr 1e-4 --max-length 128 \\
         [--lora '{"r": 8, "alpha": 16, "init_adapter": "path/to/adapter"}'] [--seed 0]
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", required=True, help="jsonl of {prompt, chosen, rejected} strings")
     p.add_argument("--model", required=True, help="model directory (weights + tokenizer)")
     p.add_argument("--out", required=True, help="result json to write")
-    p.add_argument("--loss-type", default="sigmoid", help="TRL DPOConfig.loss_type (sigmoid, ipo, hinge, robust, ...)")
+    p.add_argument("--loss-type", default="sigmoid",
+                   help="TRL DPOConfig.loss_type (sigmoid, ipo, hinge, robust, bco_pair, ...)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--micro-batch", type=int, default=2, help="pairs per forward/backward")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from tuneforge.config.peft_methods import METHOD_HELP, METHOD_NAMES
+from tuneforge.config.preference_losses import LOSS_HELP, LOSS_NAMES, WITH_REFERENCE
 
 
 def doc(help: str, default: Any = None, factory: Any = None):
@@ -300,12 +301,9 @@ class EvalConfig:
 
 @dataclass
 class PreferenceConfig:
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = doc(
-        "preference loss: sigmoid (DPO), ipo, hinge, robust (DPO with label_smoothing as the rate of flipped "
-        "labels), simpo (reference-free, length-normalised, target margin simpo_gamma), orpo (reference-free: SFT on "
-        "chosen + beta x odds-ratio term)", "sigmoid")
-    beta: float = doc("beta: the strength of the implicit KL penalty (sigmoid/ipo/hinge/robust), the reward scale "
-                      "(simpo, often 2-10), the odds-ratio weight lambda (orpo)", 0.1)
+    loss_type: Literal[LOSS_NAMES] = doc(LOSS_HELP, "sigmoid")  # the losses of config/preference_losses.py
+    beta: float = doc(f"beta: the strength of the implicit KL penalty ({'/'.join(WITH_REFERENCE)}), the reward "
+                      "scale (simpo, often 2-10), the odds-ratio weight lambda (orpo)", 0.1)
     label_smoothing: float = doc(
         "sigmoid (conservative DPO) and robust: the assumed probability that a pair's preference is flipped, in "
         "[0, 0.5)", 0.0)
@@ -319,7 +317,7 @@ class PreferenceConfig:
         "how an over-long prompt is cut: keep_end keeps its end (and a leading bos), keep_start its start; the "
         "completions are cut (their end) only when they alone overflow seq_length", "keep_end")
     reference: Literal["auto", "adapter_off", "precomputed"] = doc(
-        "the reference model (sigmoid/ipo/hinge/robust): adapter_off = the same weights with the adapter switched "
+        f"the reference model ({'/'.join(WITH_REFERENCE)}): adapter_off = the same weights with the adapter switched "
         "off (LoRA/IA3, no second copy); precomputed = log-probs of the starting model, computed in one eval-mode "
         "pass before training and stored with the run (reference_logps.safetensors); auto = adapter_off for a "
         "LoRA/IA3 run started from the base model, precomputed otherwise (full fine-tuning, fsdp2, model.init_from)",

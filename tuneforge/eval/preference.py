@@ -13,10 +13,11 @@ import contextlib
 
 import torch
 
+from tuneforge.config.preference_losses import WITH_SFT
 from tuneforge.config.schema import PreferenceConfig
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.distributed import DistEnv, all_reduce_tensor, evaluating, inner_model, unwrap_ddp
-from tuneforge.models.preference import WITH_SFT, pair_losses
+from tuneforge.models.preference import pair_losses
 
 # what a step (train/preference.py) and validate_pairs all-reduce, in this order; all but "pairs" are sums over pairs
 # (logps/accuracies, not a TRL metric: the share of pairs whose chosen completion the model itself finds likelier, by

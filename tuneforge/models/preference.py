@@ -10,20 +10,26 @@ With h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(reject
   robust   (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2e)  (unbiased under a flip rate e)
   hinge    max(0, 1 - beta h)                                      (SLiC)
   ipo      (h_token - 1 / (2 beta))^2, h_token from per-token log-ratios (IPO)
+  bco_pair -log s(beta r(chosen)) - log s(-beta r(rejected)), r = log pi - log ref (TRL's bco_pair)
   simpo    -log s(beta (avg pi(chosen) - avg pi(rejected)) - gamma) (no reference; avg = per completion token)
   orpo     -beta log s(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p), p = exp(avg log pi(y)),
            plus the SFT loss on chosen (weight 1)
 rewards/chosen is beta (log pi(chosen) - log ref(chosen)) on summed log-probs (ipo too, as TRL logs it); simpo and orpo
-report beta x the policy's own length-averaged log-prob."""
+report beta x the policy's own length-averaged log-prob.
+
+Which losses exist, and what is true of each (reference-free, an SFT term of its own, the fields that apply), is
+config/preference_losses.py; each entry names its function here (`LOSS_FUNCTIONS`)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from tuneforge.config.preference_losses import BY_NAME, LOSSES
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.head import split_head
-
-WITH_SFT = ("orpo",)  # losses with an SFT term on the chosen completion of their own
 
 
 class HeadLogProbs(torch.autograd.Function):
@@ -104,35 +110,83 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], full_forward: bool = F
     return sums, counts
 
 
+@dataclass(frozen=True)
+class PairLogps:
+    """What a loss function reads of n pairs: (n, 2) tensors, column 0 chosen, column 1 rejected, and the settings."""
+    policy: torch.Tensor  # the policy's log-probs: per completion token for a reference-free loss, else summed
+    ratios: torch.Tensor | None  # log pi - log ref, summed over completion tokens; None for a reference-free loss
+    tokens: torch.Tensor  # completion tokens
+    beta: float
+    label_smoothing: float
+    simpo_gamma: float
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """h = (log pi - log ref)(chosen) - (log pi - log ref)(rejected), per pair."""
+        return self.ratios[:, 0] - self.ratios[:, 1]
+
+
+def sigmoid_loss(x: PairLogps) -> torch.Tensor:
+    h, e = x.margin, x.label_smoothing
+    return -F.logsigmoid(x.beta * h) * (1 - e) - F.logsigmoid(-x.beta * h) * e
+
+
+def robust_loss(x: PairLogps) -> torch.Tensor:
+    h, e = x.margin, x.label_smoothing
+    return (-F.logsigmoid(x.beta * h) * (1 - e) + F.logsigmoid(-x.beta * h) * e) / (1 - 2 * e)
+
+
+def hinge_loss(x: PairLogps) -> torch.Tensor:
+    return torch.relu(1 - x.beta * x.margin)
+
+
+def ipo_loss(x: PairLogps) -> torch.Tensor:
+    per_token = x.ratios / x.tokens.clamp(min=1)  # the loss on per-token ratios; the rewards on the summed ones
+    h = per_token[:, 0] - per_token[:, 1]
+    return (h - 1 / (2 * x.beta)) ** 2
+
+
+def bco_pair_loss(x: PairLogps) -> torch.Tensor:
+    # a binary classifier per side: chosen's reward beta (log pi - log ref) pushed above 0, rejected's below 0
+    return -F.logsigmoid(x.beta * x.ratios[:, 0]) - F.logsigmoid(-(x.beta * x.ratios[:, 1]))
+
+
+def simpo_loss(x: PairLogps) -> torch.Tensor:
+    chosen, rejected = x.policy[:, 0], x.policy[:, 1]
+    return -F.logsigmoid(x.beta * (chosen - rejected) - x.simpo_gamma)
+
+
+def orpo_loss(x: PairLogps) -> torch.Tensor:
+    chosen, rejected = x.policy[:, 0], x.policy[:, 1]
+    # log odds(y) = log p - log(1 - p), with p = exp(average log-prob) < 1
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    return -x.beta * F.logsigmoid(log_odds)
+
+
+def _loss_functions() -> dict[str, Callable[[PairLogps], torch.Tensor]]:
+    """{loss_type: its function}, one per entry of config/preference_losses.py, found by the name the entry gives."""
+    here = globals()
+    missing = [f"{loss.name} ({loss.function})" for loss in LOSSES if not callable(here.get(loss.function))]
+    if missing:
+        raise ImportError(f"models/preference.py has no function for preference loss {', '.join(missing)}")
+    return {loss.name: here[loss.function] for loss in LOSSES}
+
+
+LOSS_FUNCTIONS = _loss_functions()
+
+
 def pair_losses(loss_type: str, beta: float, policy: torch.Tensor, tokens: torch.Tensor,
                 reference: torch.Tensor | None, label_smoothing: float = 0.0,
                 simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward, the log-probs the loss used) per pair. `policy`, `tokens` and
     `reference` are (n, 2) tensors: column 0 chosen, column 1 rejected, summed over completion tokens."""
-    if loss_type in ("simpo", "orpo"):
-        policy = policy / tokens.clamp(min=1)
-        chosen, rejected = policy[:, 0], policy[:, 1]
-        if loss_type == "simpo":
-            loss = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
-        else:  # log odds(y) = log p - log(1 - p), with p = exp(average log-prob) < 1
-            log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
-            loss = -beta * F.logsigmoid(log_odds)
-        return loss, beta * chosen.detach(), beta * rejected.detach(), policy
-    ratios = policy - reference  # (n, 2): log pi - log ref, per side
-    h = ratios[:, 0] - ratios[:, 1]
-    if loss_type == "ipo":  # the loss on per-token ratios; the rewards (below) on the summed ones, as TRL logs them
-        per_token = ratios / tokens.clamp(min=1)
-        h = per_token[:, 0] - per_token[:, 1]
-    e = label_smoothing
-    if loss_type == "sigmoid":
-        loss = -F.logsigmoid(beta * h) * (1 - e) - F.logsigmoid(-beta * h) * e
-    elif loss_type == "robust":
-        loss = (-F.logsigmoid(beta * h) * (1 - e) + F.logsigmoid(-beta * h) * e) / (1 - 2 * e)
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - beta * h)
-    elif loss_type == "ipo":
-        loss = (h - 1 / (2 * beta)) ** 2
-    else:
+    if loss_type not in LOSS_FUNCTIONS:
         raise ValueError(f"unknown preference loss_type {loss_type}")
+    if BY_NAME[loss_type].reference_free:
+        policy = policy / tokens.clamp(min=1)
+        loss = LOSS_FUNCTIONS[loss_type](PairLogps(policy, None, tokens, beta, label_smoothing, simpo_gamma))
+        return loss, beta * policy[:, 0].detach(), beta * policy[:, 1].detach(), policy
+    ratios = policy - reference  # (n, 2): log pi - log ref, per side
+    loss = LOSS_FUNCTIONS[loss_type](PairLogps(policy, ratios, tokens, beta, label_smoothing, simpo_gamma))
     rewards = beta * ratios.detach()
     return loss, rewards[:, 0], rewards[:, 1], policy

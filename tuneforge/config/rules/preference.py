@@ -3,13 +3,13 @@ gets. `reference_kind` is the one place that decides the reference, for the reci
 from __future__ import annotations
 
 from tuneforge.config.peft_methods import REFERENCE_OFF
+from tuneforge.config.preference_losses import FIELD_LOSSES, REFERENCE_FREE, WITH_SFT
 from tuneforge.config.rules.common import check, fail
 from tuneforge.config.rules.peft import peft_parts
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, PreferenceConfig
 from tuneforge.config.sources import recipe_sources
 
-REFERENCE_FREE = ("simpo", "orpo")  # losses of the policy alone
-SMOOTHED = ("sigmoid", "robust")  # losses that take label_smoothing
+SMOOTHED = FIELD_LOSSES["label_smoothing"]  # losses that take label_smoothing
 
 
 def check_preference(cfg: Config, origin: str | None) -> None:
@@ -25,12 +25,15 @@ def check_preference(cfg: Config, origin: str | None) -> None:
     check(pref.beta > 0, origin, f"preference.beta: must be > 0, got {pref.beta}")
     check(0 <= pref.label_smoothing < 0.5, origin,
           f"preference.label_smoothing: expected a value in [0, 0.5), got {pref.label_smoothing}")
-    check(pref.label_smoothing == 0 or pref.loss_type in SMOOTHED, origin,
-          f"preference.label_smoothing: applies to loss_type {' or '.join(SMOOTHED)}, not {pref.loss_type}")
+    defaults = PreferenceConfig()
+    for name, losses in FIELD_LOSSES.items():
+        check(pref.loss_type in losses or getattr(pref, name) == getattr(defaults, name), origin,
+              f"preference.{name}: applies to loss_type {' or '.join(losses)}, not {pref.loss_type}; remove it or "
+              f"leave it at its default ({getattr(defaults, name)!r})")
     check(pref.rpo_alpha is None or pref.rpo_alpha > 0, origin,
           f"preference.rpo_alpha: must be > 0 or null, got {pref.rpo_alpha}")
-    check(pref.rpo_alpha is None or pref.loss_type != "orpo", origin,
-          "preference.rpo_alpha: orpo has its SFT term already (weight 1); leave rpo_alpha null")
+    check(pref.rpo_alpha is None or pref.loss_type not in WITH_SFT, origin,
+          f"preference.rpo_alpha: {pref.loss_type} has its SFT term already (weight 1); leave rpo_alpha null")
     check(pref.simpo_gamma >= 0, origin, f"preference.simpo_gamma: must be >= 0, got {pref.simpo_gamma}")
     check(pref.max_prompt_length is None or 1 <= pref.max_prompt_length < cfg.data.seq_length, origin,
           f"preference.max_prompt_length: expected 1 .. data.seq_length - 1 ({cfg.data.seq_length - 1}) or null, "
