@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from tuneforge.errors import UserError
 from tuneforge.files import atomic_file, write_atomic
 from tuneforge.models import gguf_export as g
+from tuneforge.models import ollama as o
 from tuneforge.models.gguf import gguf_origin, resolve_model_source
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.seq2seq import is_seq2seq_output
@@ -116,7 +117,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f16", overwr
     model, tokenizer = _merged_or_full(cfg, final)
     config = model.config.to_dict()
     try:  # the chat format also names the end-of-turn token llama.cpp stops at
-        chat = g.chat_format(tokenizer)
+        chat = o.chat_format(tokenizer)
     except UserError:
         if ollama:
             raise
@@ -134,7 +135,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f16", overwr
         fmt_name, template, stops, system = chat
         if cfg.data.prompt_style == "chat" and cfg.data.system_prompt:
             system = cfg.data.system_prompt  # the system turn the run trained with
-        write_atomic(modelfile, g.modelfile_text(out.name, template, stops, system))
+        write_atomic(modelfile, o.modelfile_text(out.name, template, stops, system))
         lines.append(f"wrote {modelfile} ({fmt_name} template, stop {', '.join(stops)})")
     return "\n".join(lines + g.usage_lines(out, cfg.run.name, modelfile))
 

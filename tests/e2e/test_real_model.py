@@ -267,7 +267,7 @@ def test_gguf_export_reads_back_in_transformers_as_the_adapted_model(gguf_export
 
 
 def test_the_modelfile_renders_a_conversation_as_the_chat_template_does(gguf_export, run_model):
-    from tuneforge.models.gguf_export import render_go_template
+    from tuneforge.models.ollama import render_go_template
 
     out, _ = gguf_export
     text = (out.parent / "Modelfile").read_text()

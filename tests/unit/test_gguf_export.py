@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import STORIES
 from tuneforge.models import gguf_export as g
+from tuneforge.models import ollama
 from tuneforge.errors import UserError
 from tuneforge.files import atomic_file
 
@@ -145,13 +146,13 @@ def test_the_ollama_template_renders_a_conversation_as_the_chat_template_does(to
     conversation as the tokenizer's own template does, and the default system prompt is found."""
     tok = AutoTokenizer.from_pretrained(STORIES)
     tok.chat_template = CHATML
-    name, template, stops, system = g.chat_format(tok)
+    name, template, stops, system = ollama.chat_format(tok)
     assert (name, stops, system) == ("chatml", ["<|im_start|>", "<|im_end|>"], "You are a helpful assistant.")
     two_turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
     want = tok.apply_chat_template(two_turns, tokenize=False, add_generation_prompt=True)
-    assert g.render_go_template(template, two_turns) == want
-    text = g.modelfile_text("m.gguf", template, stops, system)
+    assert ollama.render_go_template(template, two_turns) == want
+    text = ollama.modelfile_text("m.gguf", template, stops, system)
     assert text.splitlines()[0] == "FROM ./m.gguf" and 'PARAMETER stop "<|im_end|>"' in text
     assert f'TEMPLATE """{template}"""' in text and 'SYSTEM """You are a helpful assistant."""' in text
 
@@ -160,12 +161,12 @@ def test_a_chat_template_no_ollama_template_reproduces_is_refused(tok):
     tok = AutoTokenizer.from_pretrained(STORIES)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(UserError, match="not one tuneforge writes an Ollama TEMPLATE for"):
-        g.chat_format(tok)
+        ollama.chat_format(tok)
     tok.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'<|im_end|>'")  # no newline between turns
     with pytest.raises(UserError, match="chatml-like but renders differently"):
-        g.chat_format(tok)
+        ollama.chat_format(tok)
     with pytest.raises(ValueError, match="unsupported template action"):
-        g.render_go_template("{{ if .System }}x{{ end }}", [])
+        ollama.render_go_template("{{ if .System }}x{{ end }}", [])
 
 
 def test_atomic_file_keeps_the_old_file_whole_when_writing_fails(tmp_path):

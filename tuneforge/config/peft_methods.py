@@ -6,8 +6,9 @@ and which model kinds and strategies it supports. The schema (the `peft.method` 
 rules (`config/rules/peft.py`), the peft layer, the seq2seq and classifier checks and the fsdp2 check all read it,
 so adding a method is one entry here (plus its tests).
 
-Layer 3 (config): plain Python only. The kwargs builders are pure functions of the recipe's `PeftConfig` and a few facts the
-peft layer reads off the model (`ModelFacts`); turning them into a peft config object is `peft/methods.py`'s job.
+Layer 3 (config): plain Python only. The kwargs builders are pure functions of the recipe's `PeftConfig` and a few
+facts the peft layer reads off the model (`ModelFacts`); turning them into a peft config object is `peft/methods.py`'s
+job.
 This module does not import the schema (the schema imports it for the method names), so a builder's `part` is the
 schema's PeftConfig by contract, not by annotation."""
 from __future__ import annotations
