@@ -1,11 +1,10 @@
 """train.compile: torch.compile of each decoder layer (LoRA's in-place forward takes its compile branch there) trains
-the losses eager training gives, within fp32 rounding. Slow: inductor compiles the layer graph with g++ first."""
+the losses eager training gives, within fp32 rounding. In-process, one worker of the suite: inductor compiles the layer
+graph with g++ first (most of the test's time)."""
 import pytest
 
 from tests.conftest import tiny_overrides, train_losses
 from tuneforge.api import finetune
-
-pytestmark = pytest.mark.slow
 
 
 def test_compiled_layers_train_the_eager_losses(tmp_path, tiny_recipe):
