@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from tuneforge.config import Config, load_config
+from tuneforge.config.commands import EvalOptions, GenerateOptions
 
 ConfigSource = str | os.PathLike | dict | Config
 
@@ -25,27 +26,29 @@ def finetune(config: ConfigSource, overrides: list[str] | None = None, overwrite
 
 
 def evaluate(run_dir: str | os.PathLike, base: bool = False, limit: int | None = None, dataset: str | None = None,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, **options) -> dict:
     """Score a finished run as `tuneforge eval` does (val_loss, perplexity, squad_em, squad_f1: those that apply);
-    also writes <run>/eval/scores.json."""
+    also writes <run>/eval/scores.json. `options` are the other flags of `tuneforge eval` by their field names in
+    tuneforge.config.commands.EvalOptions (batch_size=..., harness=..., harness_args=[...])."""
     from tuneforge.eval.evaluate import evaluate_run
 
-    return evaluate_run(run_dir, base=base, limit=limit, dataset=dataset, overrides=overrides)
+    return evaluate_run(EvalOptions(run=os.fspath(run_dir), base=base, limit=limit, dataset=dataset,
+                                    overrides=list(overrides or []), **options))
 
 
 def generate(run_dir: str | os.PathLike, prompts: str | list[str], max_new_tokens: int = 32,
-             temperature: float = 0.0, stop_at_newline: bool = False, base: bool = False) -> str | list[str]:
+             temperature: float = 0.0, stop_at_newline: bool = False, base: bool = False,
+             **options) -> str | list[str]:
     """Continue each prompt with the run's model (greedy unless temperature > 0); one prompt gives one string, a
-    list gives a list. Loads the model on every call: for many prompts pass them in one list."""
-    from tuneforge.eval.generate import Sampling, generate as generate_batch
-    from tuneforge.models.load import resolve_precision
-    from tuneforge.run.model import load_run_model
+    list gives a list. Loads the model on every call: for many prompts pass them in one list. `options` are the
+    other flags of `tuneforge generate` by their field names in tuneforge.config.commands.GenerateOptions
+    (batch_size=..., top_p=..., top_k=..., seed=...)."""
+    from tuneforge.eval.batch import answer_prompts
 
-    model, tokenizer, cfg = load_run_model(run_dir, base=base)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
-    outputs = generate_batch(model, tokenizer, batch, max_new_tokens,
-                             precision=resolve_precision(cfg.model.dtype, model.device.type),
-                             stop_at_newline=stop_at_newline, sampling=Sampling(temperature=temperature))
+    outputs = answer_prompts(GenerateOptions(run=os.fspath(run_dir), prompt=batch, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, stop_at_newline=stop_at_newline, base=base,
+                                             **options))
     return outputs[0] if isinstance(prompts, str) else outputs
 
 

@@ -8,6 +8,9 @@ import os
 import sys
 
 from tuneforge import __version__
+from tuneforge.config.commands import (SAMPLING, EvalOptions, ExportOptions, GenerateOptions, MergeOptions,
+                                       PushOptions, ReportOptions, RunOptions, ServeOptions, add_options,
+                                       options_from)
 from tuneforge.errors import UserError
 
 EPILOG = """examples:
@@ -66,27 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--out", help="where to write the script (default <run dir>/slurm.sbatch)")
     sl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    gen = sub.add_parser("generate", help="generate text with a finished run's model",
-                         description="Generation with the run's base model and adapter (or full model): greedy, or "
-                                     "sampling with --temperature/--top-p/--top-k/--seed; --input/--output for a "
-                                     "whole jsonl file.")
-    gen.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    what = gen.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    what.add_argument("--examples", type=int, metavar="N",
-                      help="answer the first N validation examples of the run's recipe, beside their references")
-    what.add_argument("--input", metavar="FILE.jsonl",
-                      help="batch prediction: one JSON object per line with `prompt`, or the fields of the run's "
-                           "prompt template, or `input`; needs --output")
-    gen.add_argument("--output", metavar="FILE.jsonl",
-                     help="with --input: write one JSON line per input line, in order (the input fields + `output`)")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    gen.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
-    add_sampling_args(gen)
-    gen.add_argument("--stop-at-newline", action="store_true", help="end each output at its first newline")
-    gen.add_argument("--base", action="store_true", help="use the base model without the run's adapter")
-    gen.add_argument("--json", action="store_true", help="print one JSON object per output")
-    gen.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_command(sub, GenerateOptions)
 
     prep = sub.add_parser("prepare-data", help="show what training will see (counts, lengths, masking) and cache it",
                           description="Read, render and tokenize a recipe's data exactly as `finetune` does (and fill "
@@ -107,19 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: cuda when present)")
     pl.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    mg = sub.add_parser("merge", help="merge a run's adapter into the base weights (full HF model dir)",
-                        description="Fold a run's LoRA / DoRA / rsLoRA or IA3 adapter into a full-precision copy "
-                                    "of the base model (QLoRA runs too) and save it with the tokenizer, loadable "
-                                    "with AutoModelForCausalLM (a seq2seq run: AutoModelForSeq2SeqLM)"
-                                    ".from_pretrained. Prompt methods and bottleneck "
-                                    "adapters cannot be merged.")
-    mg.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    mg.add_argument("--out", required=True, help="output directory for the merged model")
-    mg.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="dtype of the saved weights (default float32)")
-    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    mg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    add_eval_commands(sub)
+    for options in (MergeOptions, EvalOptions, ReportOptions, ExportOptions, PushOptions, ServeOptions):
+        add_command(sub, options)
+    add_query_command(sub)
     return parser
 
 
@@ -128,11 +101,12 @@ def add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe values")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top-p probability mass")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed = same samples)")
+def add_command(sub, options: type[RunOptions]) -> None:
+    """A subcommand whose arguments are generated from its options dataclass (tuneforge/config/commands.py)."""
+    parser = sub.add_parser(options.COMMAND, help=options.SUMMARY, description=options.__doc__)
+    add_options(parser, options)
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(options=options)
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -143,82 +117,7 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address (multi-node)")
 
 
-def add_eval_commands(sub) -> None:
-    ev = sub.add_parser("eval", help="score a finished run: loss, perplexity, SQuAD EM/F1, lm-eval tasks",
-                        description="Prints one JSON object (val_loss, perplexity, squad_em, squad_f1: those that "
-                                    "apply) and writes <run>/eval/scores.json and eval/squad_predictions.json "
-                                    "(eval/base/ with --base). key.sub=value overrides change the run's recorded "
-                                    "config for this evaluation, e.g. eval.squad.max_new_tokens=16.")
-    ev.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    ev.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override the run's recorded config")
-    ev.add_argument("--limit", type=int, metavar="N", help="use only the first N examples of each set")
-    ev.add_argument("--dataset", metavar="FILE", help="evaluate on this file instead of the run's validation sets "
-                                                      "(.json = SQuAD, .jsonl = input/output lines)")
-    ev.add_argument("--base", action="store_true", help="evaluate the base model without the run's adapter")
-    ev.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks: comma-separated names or "
-                                                       "task YAML files (needs the `eval` extra)")
-    ev.add_argument("--harness-args", nargs="+", default=[], metavar="key=value",
-                    help="arguments for lm_eval.simple_evaluate, e.g. num_fewshot=5 limit=100 batch_size=8")
-    ev.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
-    rep = sub.add_parser("report", help="write <run>/report.html (plots, config, scores; readable offline)")
-    rep.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
-    ex = sub.add_parser("export", help="write the run's model for a serving engine (vLLM, llama.cpp, Ollama)",
-                        description="--format vllm: a merged HF model directory (LoRA merged into the base; a full "
-                                    "fine-tune copied), or with --keep-adapter the adapter for vLLM's LoRA serving; "
-                                    "prints the `vllm serve` command. --format gguf: one GGUF file for llama.cpp, "
-                                    "Ollama and LM Studio (an adapter merged first), with its tokenizer and chat "
-                                    "template; --ollama adds a Modelfile beside it. --format gguf-lora: the LoRA "
-                                    "adapter alone, for llama.cpp's --lora. Prints the commands that run it.")
-    ex.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    ex.add_argument("--format", choices=["vllm", "gguf", "gguf-lora"], default="vllm", help="target (default vllm)")
-    ex.add_argument("--out", required=True, help="vllm: output directory (must not exist or be empty); gguf, "
-                                                 "gguf-lora: the .gguf file")
-    ex.add_argument("--quant", default="f16", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32; gguf-lora: f16, bf16 "
-                                                   "or f32")
-    ex.add_argument("--ollama", action="store_true", help="gguf: also write a Modelfile (template, stop tokens, "
-                                                          "system prompt) beside the file")
-    ex.add_argument("--overwrite", action="store_true", help="gguf: replace an existing file (kept whole until the "
-                                                             "new one is complete)")
-    ex.add_argument("--keep-adapter", action="store_true", help="keep the LoRA adapter separate (vLLM --enable-lora)")
-    ex.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
-    push = sub.add_parser("push", help="upload the run's final/ to the Hugging Face Hub with a model card",
-                          description="Uploads final/ and a generated README.md model card (base model, data, "
-                                      "recipe, scores). Needs a token: `hf auth login` or HF_TOKEN.")
-    push.add_argument("--run", required=True, help="run directory (runs/<name>)")
-    push.add_argument("--repo-id", required=True, help="Hub repository, e.g. me/my-model")
-    push.add_argument("--private", action="store_true", help="create the repository as private")
-    push.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    add_serve_commands(sub)
-
-
-def add_serve_commands(sub) -> None:
-    sv = sub.add_parser("serve", help="serve a finished run's model over an OpenAI-compatible HTTP API",
-                        description="/v1/models, /v1/completions, /v1/chat/completions (streaming with \"stream\": "
-                                    "true) and /health. --engine auto uses vLLM's server when vLLM and a GPU are "
-                                    "there, else a transformers engine that batches concurrent requests. Needs the "
-                                    "`serve` extra (pip install 'tuneforge[serve]').")
-    sv.add_argument("--run", required=True, help="run directory (runs/<name>); the model is named after the run")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    sv.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
-                    help="auto (default): vLLM when installed with a GPU, else transformers")
-    sv.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' (default: $TUNEFORGE_API_KEY; none: open)")
-    sv.add_argument("--chat-template", metavar="FILE",
-                    help="Jinja chat template for /v1/chat/completions (a file or the template itself; default: "
-                         "the run's data.chat_template, else the tokenizer's)")
-    limits = sv.add_argument_group("request limits (transformers engine; over them: a 4xx answer)")
-    limits.add_argument("--max-prompt-tokens", type=int, default=2048, help="tokens per prompt (default 2048)")
-    limits.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens per request (default 512)")
-    limits.add_argument("--max-concurrent", type=int, default=64,
-                        help="requests in flight, and continuations per batch (default 64; more get 429)")
-    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
-    sv.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-
+def add_query_command(sub) -> None:
     q = sub.add_parser("query", help="send a prompt to an OpenAI-compatible server and print the answer",
                        description="A small client for `tuneforge serve` (or vLLM): completes --prompt, or with "
                                    "--chat sends it as a user message. The model defaults to the one the server "
@@ -228,7 +127,7 @@ def add_serve_commands(sub) -> None:
     q.add_argument("--chat", action="store_true", help="use /v1/chat/completions (the prompt is the user message)")
     q.add_argument("--model", help="model name (default: the server's)")
     q.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    add_sampling_args(q)
+    add_options(q, GenerateOptions, SAMPLING)
     q.add_argument("--stop", action="append", help="stop string (repeatable)")
     q.add_argument("--stream", action="store_true", help="print the text as it is generated")
     q.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
@@ -256,80 +155,11 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if (args.input is None) != (args.output is None):
-        raise UserError("generate: --input and --output go together")
-    from tuneforge.eval.batch import sampling_from_args
-    from tuneforge.eval.generate import generate
-    from tuneforge.models.load import resolve_precision
-    from tuneforge.run.model import load_run_model
+def cmd_generate(opts: GenerateOptions) -> int:
+    from tuneforge.eval.batch import generate_lines
 
-    sampling = sampling_from_args(args)
-    model, tokenizer, cfg = load_run_model(args.run, base=args.base)
-    precision = resolve_precision(cfg.model.dtype, str(model.device.type))
-    if args.input:
-        from tuneforge.eval.batch import predict_file
-
-        n = predict_file(model, tokenizer, cfg, args.input, args.output, args.max_new_tokens, args.batch_size,
-                         precision, sampling, args.stop_at_newline)
-        print(f"wrote {n} outputs to {args.output}")
-        return 0
-    if args.prompt:
-        outputs = generate(model, tokenizer, args.prompt, args.max_new_tokens, precision=precision,
-                           sampling=sampling, stop_at_newline=args.stop_at_newline)
-        for prompt, out in zip(args.prompt, outputs):
-            print(json.dumps({"prompt": prompt, "output": out}) if args.json else out)
-        return 0
-    from tuneforge.data import as_sources, load_records, template_for
-    from tuneforge.data.tokenize import _template_of, chat_prompts_for, render_prompt
-
-    source = (as_sources(cfg.data.validation) or as_sources(cfg.data.train))[0]
-    if source.format == "chat":
-        raise UserError("generate --examples: chat sources are not supported; pass --prompt")
-    if source.format == "preference":
-        return _generate_pair_examples(args, model, tokenizer, cfg, source, precision)
-    records = load_records(source.path, source.format, args.examples, columns=source.columns,
-                           unanswerable=source.unanswerable, split=source.split)
-    template = template_for(cfg.data, source)
-    prompts = [render_prompt(_template_of(template, r), r, source.path) for r in records]
-    chat = chat_prompts_for(cfg.data, tokenizer, source.path)  # asked the way the run trained (prompt_style)
-    if chat is not None:
-        prompts = [chat.render(tokenizer, p) for p in prompts]
-    outputs = generate(model, tokenizer, prompts, args.max_new_tokens, precision=precision, stop_at_newline=True,
-                       add_special_tokens=chat is None)
-    for record, out in zip(records, outputs):
-        if args.json:
-            print(json.dumps({"id": record.id, "output": out, "references": record.references}))
-            continue
-        question = record.fields.get("question") or record.fields.get("input", "")
-        print(f"Q: {question.strip()}\n   reference: {' | '.join(record.references[:3])}\n   tuneforge: {out}")
-    return 0
-
-
-def _generate_pair_examples(args, model, tokenizer, cfg, source, precision) -> int:
-    """A preference run's held-out prompts, asked as it trained on them, beside their chosen and rejected answers."""
-    import dataclasses
-
-    from tuneforge.data.pairs import read_pair_texts
-    from tuneforge.eval.generate import generate
-
-    texts = read_pair_texts(dataclasses.replace(source, limit=args.examples), cfg.data, tokenizer)
-    outputs = {}
-    for chat in (False, True):  # rendered chat prompts carry their own special tokens
-        group = [i for i, t in enumerate(texts) if t.chat == chat]
-        answers = generate(model, tokenizer, [texts[i].prompt for i in group], args.max_new_tokens,
-                           precision=precision, stop_at_newline=True, add_special_tokens=not chat) if group else []
-        outputs.update(zip(group, answers))
-    outputs = [outputs[i] for i in range(len(texts))]
-    eos = tokenizer.eos_token or "\0"
-    for t, out in zip(texts, outputs):
-        chosen, rejected = (text.split(eos)[0].strip() for text in (t.chosen, t.rejected))
-        if args.json:
-            print(json.dumps({"where": t.where, "output": out, "chosen": chosen, "rejected": rejected}))
-        else:
-            print(f"{t.where}\n   chosen: {chosen}\n   rejected: {rejected}\n   tuneforge: {out}")
+    for line in generate_lines(opts):
+        print(line)
     return 0
 
 
@@ -356,71 +186,51 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(opts: MergeOptions) -> int:
     from tuneforge.run.merge import merge_run
 
-    out = merge_run(args.run, args.out, args.dtype, args.overwrite)
+    out = merge_run(opts.run, opts.out, opts.dtype, opts.overwrite)
     print(f"merged model written to {out}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    if args.harness_args and args.harness is None:
-        raise UserError("eval: --harness-args needs --harness TASKS")
-    if args.harness is not None:
-        if args.dataset or args.overrides:
-            raise UserError("eval: --harness runs lm-eval tasks; --dataset and overrides apply to the built-in "
-                            "evaluation (run it separately)")
-        from tuneforge.eval.harness import run_harness
+def cmd_eval(opts: EvalOptions) -> int:
+    from tuneforge.eval.evaluate import evaluate_run
 
-        results = {"model": "base" if args.base else "final",
-                   "harness": run_harness(args.run, args.harness, args.harness_args, base=args.base,
-                                          limit=args.limit)}
-    else:
-        from tuneforge.eval.evaluate import evaluate_run
-
-        results = evaluate_run(args.run, base=args.base, limit=args.limit, dataset=args.dataset,
-                               overrides=args.overrides)
-    print(json.dumps(results))
+    print(json.dumps(evaluate_run(opts)))
     return 0
 
 
-def cmd_report(args) -> int:
+def cmd_report(opts: ReportOptions) -> int:
     from tuneforge.report import write_report
 
-    print(write_report(args.run))
+    print(write_report(opts.run))
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(opts: ExportOptions) -> int:
     from tuneforge.export import export_gguf, export_vllm
 
-    if args.format == "vllm":
-        if args.ollama or args.quant != "f16" or args.overwrite:
-            raise UserError("--quant, --ollama and --overwrite go with --format gguf / gguf-lora")
-        print(export_vllm(args.run, args.out, keep_adapter=args.keep_adapter))
-        return 0
-    if args.keep_adapter:
-        raise UserError("--keep-adapter goes with --format vllm; --format gguf-lora writes the adapter alone")
-    print(export_gguf(args.run, args.out, quant=args.quant, overwrite=args.overwrite, ollama=args.ollama,
-                      lora=args.format == "gguf-lora"))
+    if opts.format == "vllm":
+        print(export_vllm(opts.run, opts.out, keep_adapter=opts.keep_adapter))
+    else:
+        print(export_gguf(opts.run, opts.out, quant=opts.quant, overwrite=opts.overwrite, ollama=opts.ollama,
+                          lora=opts.format == "gguf-lora"))
     return 0
 
 
-def cmd_push(args) -> int:
+def cmd_push(opts: PushOptions) -> int:
     from tuneforge.hub import push_run
 
-    print(push_run(args.run, args.repo_id, private=args.private))
+    print(push_run(opts.run, opts.repo_id, private=opts.private))
     return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(opts: ServeOptions) -> int:
     from tuneforge.serve import Limits, serve_run
 
-    limits = Limits(args.max_prompt_tokens, args.max_new_tokens, args.max_concurrent, args.max_body_bytes)
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port: must be in 0..65535, got {args.port}")
-    return serve_run(args.run, args.host, args.port, args.engine, args.api_key, limits, args.chat_template)
+    limits = Limits(opts.max_prompt_tokens, opts.max_new_tokens, opts.max_concurrent, opts.max_body_bytes)
+    return serve_run(opts.run, opts.host, opts.port, opts.engine, opts.api_key, limits, opts.chat_template)
 
 
 def cmd_query(args) -> int:
@@ -483,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        options = getattr(args, "options", None)  # a command of config/commands.py gets its checked options
+        return COMMANDS[args.command](options_from(options, args) if options else args)
     except UserError as e:
         if args.debug:
             raise

@@ -88,6 +88,25 @@ def test_eval_limit_dataset_and_overrides(run, tmp_path):
     assert missing.returncode == 2 and "not a tuneforge run directory" in missing.stderr
 
 
+def test_eval_batch_size_sets_the_batches_and_leaves_the_scores(run, tmp_path, monkeypatch):
+    import tuneforge.eval.evaluate as ev
+    from tuneforge import evaluate
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    default = evaluate(copy)
+    loss_batches, answer_batches = [], []
+    build_batches, generate = ev.build_eval_batches, ev.generate
+    monkeypatch.setattr(ev, "build_eval_batches", lambda examples, size, *a, **k: loss_batches.append(size)
+                        or build_batches(examples, size, *a, **k))
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: answer_batches.append(len(prompts))
+                        or generate(model, tok, prompts, *a, **k))
+    result = evaluate(copy, batch_size=3)  # as `tuneforge eval --batch-size 3`
+    assert loss_batches == [3] and answer_batches == [3, 3, 2]  # the run's own: micro batch 8, eval.squad 16
+    assert result["val_loss"] == pytest.approx(default["val_loss"], rel=1e-5)
+    assert (result["squad_em"], result["squad_f1"]) == (default["squad_em"], default["squad_f1"])
+
+
 def test_batch_generate_writes_one_line_per_input_in_order(run, tmp_path):
     from tuneforge.eval.generate import generate
     from tuneforge.run.model import load_run_model

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tuneforge.config.commands import EvalOptions
 from tuneforge.config.rules.preference import reference_kind
 from tuneforge.config.schema import Config, DataSource
 from tuneforge.config.sources import is_hub_id, validation_sets
@@ -23,6 +24,7 @@ from tuneforge.distributed import DistEnv, TrainModule, all_gather_objects, eval
 from tuneforge.errors import UserError
 from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
+from tuneforge.eval.harness import run_harness
 from tuneforge.eval.preference import PreferenceStep, validate_pairs
 from tuneforge.eval.squad import squad_scores
 from tuneforge.eval.validate import validate
@@ -153,10 +155,10 @@ def build_training_squad(cfg: Config, tokenizer, model, precision, env=None) -> 
     return SquadDuringTraining(task, cfg.eval.squad.every_steps, tokenizer, precision, env)
 
 
-def build_squad_task(cfg: Config, source: DataSource, tokenizer, model) -> SquadTask:
+def build_squad_task(cfg: Config, source: DataSource, tokenizer, model, batch_size: int | None = None) -> SquadTask:
     sq = cfg.eval.squad
     max_new_tokens = sq.max_new_tokens if sq else 32
-    batch_size = sq.batch_size if sq else 16
+    batch_size = batch_size or (sq.batch_size if sq else 16)
     records = load_records(source.path, "squad", source.limit, split=source.split)
     template = template_for(cfg.data, source)
     budget = prompt_budget(model, cfg.data.seq_length, max_new_tokens)
@@ -190,7 +192,7 @@ def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSo
 
 
 def evaluate_pairs(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSource]], precision,
-                   run_dir: Path) -> dict[str, float]:
+                   run_dir: Path, batch_size: int) -> dict[str, float]:
     """The held-out preference metrics (val_loss, val_rewards/*, val_logps/*) of each set, with the run's reference:
     the adapter switched off, or the log-probs stored with the run for its recorded validation sets."""
     kind = reference_kind(cfg, "single")
@@ -202,7 +204,7 @@ def evaluate_pairs(model, tokenizer, cfg: Config, sources: list[tuple[str, DataS
         if kind == "precomputed" and (table is None or len(table) < len(pairs)):
             raise UserError(f"{source.path}: this run's reference log-probs ({run_dir / REFERENCE_FILE}) cover "
                             "its recorded validation sets only; evaluate those (no --dataset)")
-        batches[name] = pair_eval_batches(pairs, cfg.train.micro_batch_size, tokenizer.pad_token_id, 0, 1,
+        batches[name] = pair_eval_batches(pairs, batch_size, tokenizer.pad_token_id, 0, 1,
                                           "pad_longest", cfg.data.seq_length)
     module = TrainModule(model)
     scores = validate_pairs(module, batches, precision, DistEnv(device=str(model.device)),
@@ -215,14 +217,20 @@ def _limited(source: DataSource, limit: int | None) -> DataSource:
     return dataclasses.replace(source, limit=limit if limit is not None else source.limit)
 
 
-def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = None, dataset: str | None = None,
-                 overrides: list[str] | None = None) -> dict:
-    """Score a finished run: loss / perplexity on its validation sets (or --dataset) and SQuAD EM/F1 where there are
-    SQuAD questions. Writes eval/squad_predictions.json and eval/scores.json (eval/base/ for the base model)."""
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit: must be >= 1, got {limit}")
-    model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=overrides)
+def evaluate_run(opts: EvalOptions) -> dict:
+    """`tuneforge eval`: with --harness the lm-eval tasks (eval/harness.json); else loss / perplexity on the run's
+    validation sets (or --dataset) and SQuAD EM/F1 where there are SQuAD questions, written to
+    eval/squad_predictions.json and eval/scores.json (eval/base/ for the base model)."""
+    run_dir, base, limit, dataset = opts.run, opts.base, opts.limit, opts.dataset
+    if opts.harness is not None:
+        harness_args = opts.harness_args
+        if opts.batch_size is not None:  # a batch_size= of --harness-args comes later and wins
+            harness_args = [f"batch_size={opts.batch_size}", *harness_args]
+        return {"model": "base" if base else "final",
+                "harness": run_harness(run_dir, opts.harness, harness_args, base=base, limit=limit)}
+    model, tokenizer, cfg = load_run_model(run_dir, base=base, overrides=opts.overrides)
     precision = resolve_precision(cfg.model.dtype, model.device.type)
+    batch_size = opts.batch_size or cfg.train.micro_batch_size
     if dataset is not None:
         fmt = ("classification" if is_classifier(model) else "preference" if cfg.preference is not None
                else dataset_format(dataset))
@@ -235,17 +243,17 @@ def evaluate_run(run_dir: str | Path, base: bool = False, limit: int | None = No
             raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
     results: dict = {"model": "base" if base else "final"}
     if is_classifier(model):  # loss, accuracy and macro-F1 with the labels the model was trained on
-        results.update(evaluate_classifier(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+        results.update(evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size))
     elif cfg.preference is not None:  # held-out pairs: the preference loss and TRL's rewards/* against the reference
-        results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir)))
+        results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir), batch_size))
     else:
-        results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, cfg.train.micro_batch_size))
+        results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, batch_size))
     squad = None if is_classifier(model) else squad_source(cfg, dataset, limit)
     predictions = None
     if squad is not None:
         if not (Path(squad.path).exists() or is_hub_id(squad.path)):
             raise UserError(f"{squad.path}: no such SQuAD file")
-        task = build_squad_task(cfg, squad, tokenizer, model)
+        task = build_squad_task(cfg, squad, tokenizer, model, opts.batch_size)
         scores, predictions = task.score(model, tokenizer, precision)
         results.update(scores, squad_questions=len(task.records), squad_prompt=cfg.data.prompt_style)
     if len(results) == 1:
