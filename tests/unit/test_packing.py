@@ -253,14 +253,20 @@ def test_bf16_packed_attention_under_checkpointing_keeps_no_probabilities_and_gi
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with bf16.context():
             loss = causal_lm_loss(model, batch)
-        alive = sum(1 for t in _live_tensors() if tuple(t.shape) in prob_shapes and t.dtype == torch.bfloat16)
+        live = _live_tensors()
+        alive = sum(1 for t in live if tuple(t.shape) in prob_shapes and t.dtype == torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in live
+                if t.untyped_storage().data_ptr() not in params}
         loss.backward()
-        return loss.item(), alive, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return (loss.item(), alive, sum(held.values()),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
-    plain_loss, plain_alive, plain = run(False)
-    ckpt_loss, ckpt_alive, ckpt = run(True)
+    plain_loss, plain_alive, plain_bytes, plain = run(False)
+    ckpt_loss, ckpt_alive, ckpt_bytes, ckpt = run(True)
     assert plain_alive >= config.num_hidden_layers * len(prob_shapes)  # without checkpointing every layer keeps them
     assert ckpt_alive == 0
+    assert ckpt_bytes < plain_bytes / 2  # what the forward leaves for backward: the peak, less than half
     assert ckpt_loss == plain_loss
     for name in plain:
         assert torch.equal(ckpt[name], plain[name]), name
