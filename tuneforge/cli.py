@@ -266,7 +266,7 @@ def cmd_slurm(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise UserError("--nodes and --gpus-per-node must be >= 1")
     cfg = load_config(args.config, args.overrides, world_size=args.nodes * args.gpus_per_node)
-    print(write_slurm_script(cfg, args))
+    print(write_slurm_script(cfg.run, args))
     return 0
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuneforge.config import Config
+from tuneforge.config.schema import RunConfig
 from tuneforge.errors import UserError
 
 
@@ -91,13 +91,13 @@ exit ${{status:-0}}
 """
 
 
-def write_slurm_script(cfg: Config, args) -> Path:
-    run_dir = Path(cfg.run.output_dir).resolve() / cfg.run.name
+def write_slurm_script(run: RunConfig, args) -> Path:
+    run_dir = Path(run.output_dir).resolve() / run.name
     out = Path(args.out) if args.out else run_dir / "slurm.sbatch"
     extra = "\n".join(f"#SBATCH --{key}={value}" for key, value in
                       (("partition", args.partition), ("time", args.time), ("account", args.account)) if value)
     text = SLURM_TEMPLATE.format(
-        job=cfg.run.name, nodes=args.nodes, gpus=args.gpus_per_node, cpus=args.cpus_per_gpu * args.gpus_per_node,
+        job=run.name, nodes=args.nodes, gpus=args.gpus_per_node, cpus=args.cpus_per_gpu * args.gpus_per_node,
         run_dir=run_dir, extra=extra, workdir=shlex.quote(str(Path.cwd())), python=shlex.quote(sys.executable),
         config=shlex.quote(str(Path(args.config).resolve())),
         overrides=" ".join(shlex.quote(o) for o in args.overrides))

@@ -9,7 +9,7 @@ import string
 from pathlib import Path
 
 from tuneforge.config.commands import GenerateOptions
-from tuneforge.config.schema import Config
+from tuneforge.config.schema import Config, DataConfig
 from tuneforge.data import as_sources, load_records, template_for
 from tuneforge.data.pairs import read_pair_texts
 from tuneforge.data.tokenize import _template_of, chat_prompts_for, render_prompt
@@ -42,7 +42,7 @@ def generate_lines(opts: GenerateOptions) -> list[str]:
         return [json.dumps({"prompt": p, "output": out}) if opts.json else out for p, out in zip(opts.prompt, outputs)]
     model, tokenizer, cfg, precision, sampling = load_for(opts)
     if opts.input:
-        n = predict_file(model, tokenizer, cfg, opts.input, opts.output, opts.max_new_tokens, opts.batch_size,
+        n = predict_file(model, tokenizer, cfg.data, opts.input, opts.output, opts.max_new_tokens, opts.batch_size,
                          precision, sampling, opts.stop_at_newline)
         return [f"wrote {n} outputs to {opts.output}"]
     answers = answer_examples(model, tokenizer, cfg, opts.examples, opts.max_new_tokens, opts.batch_size, precision)
@@ -145,15 +145,15 @@ def read_prompts(path: str, template: str, chat=None, tokenizer=None) -> list[tu
     return rows
 
 
-def predict_file(model, tokenizer, cfg: Config, input_path: str, output_path: str, max_new_tokens: int,
+def predict_file(model, tokenizer, data: DataConfig, input_path: str, output_path: str, max_new_tokens: int,
                  batch_size: int, precision, sampling: Sampling, stop_at_newline: bool) -> int:
     """Each output line is its input object plus `output` (an input `output` field, e.g. a reference, is kept
     as `reference`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-    source = as_sources(cfg.data.train)[0]  # several training sources: the prompts follow the first one's template
-    rows = read_prompts(input_path, template_for(cfg.data, source),
-                        chat_prompts_for(cfg.data, tokenizer, source.path), tokenizer)
+    source = as_sources(data.train)[0]  # several training sources: the prompts follow the first one's template
+    rows = read_prompts(input_path, template_for(data, source),
+                        chat_prompts_for(data, tokenizer, source.path), tokenizer)
     outputs = generate_mixed(model, tokenizer, [(prompt, chat) for _, prompt, chat in rows], max_new_tokens,
                              batch_size, precision, sampling, stop_at_newline)
     out = Path(output_path)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tuneforge.config.commands import EvalOptions
 from tuneforge.config.rules.preference import reference_kind
-from tuneforge.config.schema import Config, DataSource
+from tuneforge.config.schema import Config, DataConfig, DataSource
 from tuneforge.config.sources import is_hub_id, validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.pairs import pair_eval_batches, prepare_pair_set
@@ -175,13 +175,13 @@ def loss_on(model, batches, precision) -> dict[str, float]:
     return {"val_loss": scores["val_loss"], "perplexity": scores["val_perplexity"]}
 
 
-def evaluate_loss(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSource]], precision,
+def evaluate_loss(model, tokenizer, data: DataConfig, sources: list[tuple[str, DataSource]], precision,
                   batch_size: int) -> dict[str, float]:
     """val_loss / perplexity of the first set; with several sets, each one also as val_loss/<name>."""
     results: dict[str, float] = {}
     for i, (name, source) in enumerate(sources):
-        data = prepare_source(cfg.data, source, tokenizer)
-        batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id,
+        prepared = prepare_source(data, source, tokenizer)
+        batches = build_eval_batches(prepared.examples, batch_size, tokenizer.pad_token_id,
                                      collate_fn=build_seq2seq_collator(model.config, tokenizer))
         scores = loss_on(model, batches, precision)
         if i == 0:
@@ -247,7 +247,7 @@ def evaluate_run(opts: EvalOptions) -> dict:
     elif cfg.preference is not None:  # held-out pairs: the preference loss and TRL's rewards/* against the reference
         results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir), batch_size))
     else:
-        results.update(evaluate_loss(model, tokenizer, cfg, sources, precision, batch_size))
+        results.update(evaluate_loss(model, tokenizer, cfg.data, sources, precision, batch_size))
     squad = None if is_classifier(model) else squad_source(cfg, dataset, limit)
     predictions = None
     if squad is not None:
