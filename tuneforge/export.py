@@ -146,7 +146,7 @@ def _merged_or_full(cfg, final: Path):
     if saved_adapters(final):
         check_mergeable(final)
         check_adapters_fit(cfg.model, final)
-        return load_merged(cfg, final), tokenizer
+        return load_merged(cfg.model, final), tokenizer
     return load_model(dataclasses.replace(cfg.model, quantization=None), str(final)), tokenizer
 
 

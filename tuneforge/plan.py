@@ -116,7 +116,7 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
                  "total": "peak (estimate)"}.get(part, part)
         lines.append(f"{label:<32}" + "".join(f"{getattr(e, part) / GiB:>18.2f}" for e in columns.values()))
     lines += ["", f"{device}: {available / GiB:.1f} GiB {where} -> "
-              + ("fits" if fits else "does NOT fit: " + oom_advice(cfg, columns, available))]
+              + ("fits" if fits else "does NOT fit: " + oom_advice(columns, available))]
     best = suggest_micro_batch(cfg, facts, checkpointing, shards, available)
     lines.append(f"suggested micro batch: {best}" if best else
                  "suggested micro batch: none fits; see the advice above")
@@ -242,7 +242,7 @@ def suggest_micro_batch(cfg: Config, f: TracedModel, checkpointing: bool, shards
     return best
 
 
-def oom_advice(cfg: Config, columns: dict[str, Estimate], available: float) -> str:
+def oom_advice(columns: dict[str, Estimate], available: float) -> str:
     mine = columns["this recipe"]
     biggest = max(("weights", "gradients", "optimizer", "activations", "loss"), key=lambda k: getattr(mine, k))
     advice = {"activations": "lower train.micro_batch_size (raise accumulation) or set "

@@ -107,7 +107,7 @@ def apply_init_from(model, cfg) -> list[str]:
             copied, skipped = copied + n, skipped + missed
         if copied == 0:
             raise UserError(f"model.init_from: no tensor of {source} fits this model (another architecture)")
-    _check_adapter_filled(model, cfg, source)
+    _check_adapter_filled(model, cfg.peft, source)
     total = sum(1 for _ in model.named_parameters())
     note = f"; skipped {len(skipped)} it has no place for ({', '.join(skipped[:3])})" if skipped else ""
     return [f"init_from {source}: {copied} tensors loaded into the model's {total}{note}; optimizer, schedule and "
@@ -145,12 +145,12 @@ def copy_tensors(model, tensors, where: Path) -> tuple[int, list[str]]:
     return copied, skipped
 
 
-def _check_adapter_filled(model, cfg, source: Path) -> None:
+def _check_adapter_filled(model, peft, source: Path) -> None:
     """An adapter run started from a checkpoint of an adapter run gets every adapter tensor, or the peft sections
     differ (other target modules): a half-loaded adapter would pass silently for a fresh one."""
     from safetensors import safe_open
 
-    if cfg.peft is None or not (source / WEIGHTS).is_file():
+    if peft is None or not (source / WEIGHTS).is_file():
         return
     with safe_open(str(source / WEIGHTS), framework="pt") as f:
         found = set(f.keys())

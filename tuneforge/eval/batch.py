@@ -57,7 +57,7 @@ def answer_examples(model, tokenizer, cfg: Config, n: int, max_new_tokens: int, 
     if source.format == "chat":
         raise UserError("generate --examples: chat sources are not supported; pass --prompt")
     if source.format == "preference":
-        return _answer_pairs(model, tokenizer, cfg, dataclasses.replace(source, limit=n), max_new_tokens,
+        return _answer_pairs(model, tokenizer, cfg.data, dataclasses.replace(source, limit=n), max_new_tokens,
                              batch_size, precision)
     records = load_records(source.path, source.format, n, columns=source.columns,
                            unanswerable=source.unanswerable, split=source.split)
@@ -77,10 +77,10 @@ def answer_examples(model, tokenizer, cfg: Config, n: int, max_new_tokens: int, 
     return out
 
 
-def _answer_pairs(model, tokenizer, cfg: Config, source, max_new_tokens: int, batch_size: int,
+def _answer_pairs(model, tokenizer, data: DataConfig, source, max_new_tokens: int, batch_size: int,
                   precision) -> list[tuple[dict, str]]:
     """A preference run's held-out prompts, asked as it trained on them, beside their chosen and rejected answers."""
-    texts = read_pair_texts(source, cfg.data, tokenizer)
+    texts = read_pair_texts(source, data, tokenizer)
     outputs = generate_mixed(model, tokenizer, [(t.prompt, t.chat) for t in texts], max_new_tokens, batch_size,
                              precision, None, stop_at_newline=True)
     eos = tokenizer.eos_token or "\0"

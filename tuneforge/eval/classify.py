@@ -57,7 +57,7 @@ def set_scores(loss_sum: float, confusion: torch.Tensor) -> dict[str, float]:
             "val_macro_f1": scores["macro_f1"]}
 
 
-def evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size: int) -> dict[str, float]:
+def evaluate_classifier(model, tokenizer, data_cfg, sources, precision, batch_size: int) -> dict[str, float]:
     """`tuneforge eval` of a classification run: val_loss, accuracy, macro_f1 of the first set (and per set when
     there are several), with the labels the model was trained on (its config's id2label)."""
     import dataclasses
@@ -68,7 +68,7 @@ def evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size: i
     for i, (name, source) in enumerate(sources):
         if source.format != "classification":
             source = dataclasses.replace(source, format="classification")
-        data = prepare_classification_set(cfg.data, [source], tokenizer, names)
+        data = prepare_classification_set(data_cfg, [source], tokenizer, names)
         batches = build_eval_batches(data.examples, batch_size, tokenizer.pad_token_id)
         scores = validate_classifier(TrainModule(model), batches, precision, DistEnv(device=str(model.device)))
         model.eval()  # validate_classifier hands the model back in training mode

@@ -243,7 +243,7 @@ def evaluate_run(opts: EvalOptions) -> dict:
             raise UserError(f"{src.path}: no such validation file (recorded in {run_dir}/config.yaml)")
     results: dict = {"model": "base" if base else "final"}
     if is_classifier(model):  # loss, accuracy and macro-F1 with the labels the model was trained on
-        results.update(evaluate_classifier(model, tokenizer, cfg, sources, precision, batch_size))
+        results.update(evaluate_classifier(model, tokenizer, cfg.data, sources, precision, batch_size))
     elif cfg.preference is not None:  # held-out pairs: the preference loss and TRL's rewards/* against the reference
         results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir), batch_size))
     else:

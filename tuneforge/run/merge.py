@@ -29,7 +29,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
-    merged = load_merged(cfg, final, dtype)
+    merged = load_merged(cfg.model, final, dtype)
     with atomic_dir(out) as tmp:  # with --overwrite, the old `out` stays until the merged model is whole
         merged.save_pretrained(tmp, safe_serialization=True)
         save_head_code(merged, tmp)  # a classifier with an MLP head: its code, for trust_remote_code loading
@@ -37,10 +37,10 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", over
     return out
 
 
-def load_merged(cfg, final: Path, dtype: str = "float32"):
+def load_merged(model_cfg, final: Path, dtype: str = "float32"):
     """The run's base, reloaded in full precision, with its adapter merged in (the one merge path: also what
     `export --format vllm / gguf` writes)."""
-    full_precision = dataclasses.replace(cfg.model, quantization=None)
+    full_precision = dataclasses.replace(model_cfg, quantization=None)
     model = load_adapters(load_model(full_precision, config=saved_model_config(final)), final)
     merged = model.merge_and_unload()  # W' = W + scale * B @ A (lora) or W * l (ia3), adapter layers removed
     merged.config.use_cache = True
