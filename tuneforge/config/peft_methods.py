@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from tuneforge.config.registry import index_by_name
+
 # Where a method sits in a run's adapter stack, innermost first: a weight adapter rewrites layers of the
 # transformers model, bottleneck adapters hook the attention and MLP outputs of what is there, a prompt method wraps
 # the result and feeds it virtual tokens.
@@ -163,12 +165,7 @@ METHODS: tuple[PeftMethod, ...] = (
 
 def by_name(methods: tuple[PeftMethod, ...]) -> dict[str, PeftMethod]:
     """{name: method}; a name listed twice is a mistake in the registry."""
-    index: dict[str, PeftMethod] = {}
-    for m in methods:
-        if m.name in index:
-            raise ValueError(f"peft method {m.name} is registered twice")
-        index[m.name] = m
-    return index
+    return index_by_name(methods, "peft method")
 
 
 def names(methods: tuple[PeftMethod, ...], where: Callable[[PeftMethod], bool] = lambda m: True) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from tuneforge.config.registry import index_by_name
+
 
 @dataclass(frozen=True)
 class PreferenceLoss:
@@ -54,14 +56,13 @@ LOSSES: tuple[PreferenceLoss, ...] = (
 
 def by_name(losses: tuple[PreferenceLoss, ...]) -> dict[str, PreferenceLoss]:
     """{name: loss}; a name or a function listed twice is a mistake in the registry."""
-    index: dict[str, PreferenceLoss] = {}
+    index = index_by_name(losses, "preference loss")
+    owners: dict[str, str] = {}
     for loss in losses:
-        if loss.name in index:
-            raise ValueError(f"preference loss {loss.name} is registered twice")
-        twin = next((other.name for other in index.values() if other.function == loss.function), None)
-        if twin is not None:
-            raise ValueError(f"preference losses {twin} and {loss.name} name the same function {loss.function}")
-        index[loss.name] = loss
+        if loss.function in owners:
+            raise ValueError(f"preference losses {owners[loss.function]} and {loss.name} name the same function "
+                             f"{loss.function}")
+        owners[loss.function] = loss.name
     return index
 
 
