@@ -182,7 +182,7 @@ def gpt_oss(**overrides):
                 layer_types=["sliding_attention", "full_attention"], sliding_window=4, **overrides)
 
 
-def test_gpt_oss_packs_exactly_under_a_block_mask_with_its_sinks_and_sliding_window():
+def test_gpt_oss_packs_exactly_under_a_block_mask_with_its_sinks_and_sliding_window(tmp_path):
     """GPT-OSS's mask code never reads position_ids, so transformers' packed-sequence mask does not reach it; its own
     eager attention (the sinks) under tuneforge's block mask does, window included (4 < the probe's examples)."""
     model = gpt_oss()
@@ -190,9 +190,11 @@ def test_gpt_oss_packs_exactly_under_a_block_mask_with_its_sinks_and_sliding_win
     assert check_packing(model) == CARRIES_STATE
     packed = choose_packed_attention(model, per_example=False)
     assert packed == PackedAttention("block_mask", (f"transformers' own attention: {CARRIES_STATE}",))
-    assert model.config._attn_implementation == BLOCK_MASK and attention_name(model) == "eager"
+    assert model.config._attn_implementation == BLOCK_MASK + "eager" and attention_name(model) == "eager"
     assert check_packing(model) is None
     assert check_split_head(model) is None  # its head is a plain output layer: the split stays
+    model.save_pretrained(tmp_path)  # nothing of tuneforge's reaches a saved config
+    assert "tuneforge" not in (tmp_path / "config.json").read_text()
     # a packed batch of four examples gives each its padded loss, the sliding window reaching across none of them
     g = torch.Generator().manual_seed(1)
     examples = [torch.randint(3, 512, (n,), generator=g) for n in (9, 5, 12, 7)]

@@ -34,8 +34,9 @@ from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, AttentionM
                                         sdpa_mask)
 
 PER_EXAMPLE = "tuneforge_per_example_sdpa"
-BLOCK_MASK = "tuneforge_block_mask"  # the model's own attention function under a block mask from position_ids
-_BASE = "_tuneforge_base_attention"  # config attribute: the implementation BLOCK_MASK wraps (eager or sdpa)
+# the model's own attention function (eager or sdpa, named after the prefix) under a block mask from position_ids;
+# the name carries the base, so nothing else is set on the config (and nothing reaches a saved config.json)
+BLOCK_MASK = "tuneforge_block_mask_"
 
 
 def example_blocks(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
@@ -205,8 +206,8 @@ def use_model_attention(model) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "_attn_implementation", None) == PER_EXAMPLE:
         config._attn_implementation = "sdpa"
-    elif config is not None and getattr(config, "_attn_implementation", None) == BLOCK_MASK:
-        config._attn_implementation = getattr(config, _BASE)
+    elif config is not None and (getattr(config, "_attn_implementation", None) or "").startswith(BLOCK_MASK):
+        config._attn_implementation = config._attn_implementation.removeprefix(BLOCK_MASK)
 
 
 def use_block_mask_attention(model) -> bool:
@@ -218,10 +219,9 @@ def use_block_mask_attention(model) -> bool:
     base = getattr(config, "_attn_implementation", None) if config is not None else None
     if base not in ("eager", "sdpa"):
         return False
-    AttentionInterface.register(BLOCK_MASK, block_mask_attention)
-    AttentionMaskInterface.register(BLOCK_MASK, _block_mask_mask)
-    setattr(config, _BASE, base)
-    config._attn_implementation = BLOCK_MASK
+    AttentionInterface.register(BLOCK_MASK + base, block_mask_attention)
+    AttentionMaskInterface.register(BLOCK_MASK + base, ALL_MASK_ATTENTION_FUNCTIONS[base])  # narrowed per call
+    config._attn_implementation = BLOCK_MASK + base
     return True
 
 
@@ -229,13 +229,13 @@ def attention_name(model) -> str:
     """The transformers implementation a model's attention runs, under tuneforge's wrappers."""
     config = model.config
     implementation = getattr(config, "_attn_implementation", None) or "default"
-    return {PER_EXAMPLE: "sdpa", BLOCK_MASK: getattr(config, _BASE, "eager")}.get(implementation, implementation)
+    return "sdpa" if implementation == PER_EXAMPLE else implementation.removeprefix(BLOCK_MASK)
 
 
 def block_mask_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function contract; the base implementation's function, with attention_mask narrowed to
     the example blocks where the call is a packed row's (position_ids given, no cache: q and k of one length)."""
-    base = getattr(module.config, _BASE, "eager")
+    base = module.config._attn_implementation.removeprefix(BLOCK_MASK)
     if base == "eager":  # each model's eager function lives in its own modeling module (GPT-OSS's adds the sinks)
         function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if function is None:
@@ -261,12 +261,6 @@ def _narrow_to_blocks(mask, position_ids: torch.Tensor, query: torch.Tensor) -> 
     if mask.dtype == torch.bool:
         return mask & same
     return torch.where(same, mask, torch.finfo(mask.dtype).min)
-
-
-def _block_mask_mask(*args, **kwargs):
-    """The base implementation's mask function (block_mask_attention narrows what it returns)."""
-    base = getattr(kwargs.get("config"), _BASE, "eager")
-    return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
 
 def use_per_example_attention(model) -> bool:
