@@ -63,6 +63,9 @@ PAIR = '{"prompt": "Q: who? A:", "chosen": " Tom", "rejected": " Ann"}'
 PREF = [*FT, "data.train.path={repo}/assets/data/squad_pairs/train.jsonl", "data.train.format=preference",
         "data.train.limit=16", "preference.loss_type=sigmoid", "data.seq_length=256"]
 
+RL = [*FT, "rl.num_generations=4", "rl.max_completion_length=8", "rl.rewards=[{function: squad_f1}]"]
+RL_FN = "rl.rewards=[{{function: 'tests.fixtures.rl_rewards:{}'}}]"  # the reward functions of tests/fixtures
+
 
 CLS_FILES = {"cls.jsonl": bad_jsonl(['{"text": "a big dog", "label": "animal"}',
                                      '{"text": "a red apple", "label": "food"}']),
@@ -209,6 +212,42 @@ CASES = [
          "preference.label_smoothing=0.1"], "preference.label_smoothing: applies to loss_type sigmoid or robust"),
     Case("preference", "adapter-off reference for full fine-tuning", [*PREF, "peft=null",
          "preference.reference=adapter_off"], "preference.reference: adapter_off needs one adapter of lora, ia3"),
+    # ---- online RL: the rl section, then reward functions (called as the first step or validation scores) ----
+    Case("rl", "one completion per prompt", [*RL, "rl.num_generations=1"],
+         "rl.num_generations: must be >= 2 (advantages compare the completions of one prompt), got 1"),
+    Case("rl", "completions a step not a multiple of the group", [*RL, "rl.num_generations=3"],
+         "train.global_batch_size (8) counts completions: it must be a multiple of rl.num_generations (3)"),
+    Case("rl", "sampling at temperature 0", [*RL, "rl.temperature=0"], "rl.temperature: must be > 0 (sampling), got 0"),
+    Case("rl", "unknown reward function", [*RL, "rl.rewards=[{function: bleu}]"],
+         "rl.rewards[0].function: unknown reward 'bleu'; expected one of squad_f1, squad_em, exact_match, regex, length "
+         "or an import path (module:function)"),
+    Case("rl", "regex reward without a pattern", [*RL, "rl.rewards=[{function: regex}]"],
+         "rl.rewards[0].pattern: reward regex needs it"),
+    Case("rl", "rl and preference in one recipe", [*PREF, "rl.rewards=[{function: squad_f1}]"],
+         "rl: a recipe has one objective; remove the preference section or rl"),
+    Case("rl", "packing sampled completions", [*RL, "data.batching=packing"],
+         "data.batching: rl batches its completions padded; use pad_longest"),
+    Case("rl", "completions as long as seq_length", [*RL, "rl.max_completion_length=128"],
+         "rl.max_completion_length (128) leaves no room for a prompt in data.seq_length (128); raise seq_length"),
+    Case("rl", "prompts a step not divisible among processes",
+         [*RL, "rl.num_generations=8", "train.micro_batch_size=4", "--nproc-per-node", "2"],
+         "train.global_batch_size (8) / rl.num_generations (8) = 1 prompts a step, not divisible by the data-parallel "
+         "size (2)"),
+    Case("rl", "prompt data without an rl section", [*FT, "data.train.path={tmp}/p.jsonl", "data.train.format=prompt"],
+         "data.train.format: prompt data (prompts without answers) trains with an rl section",
+         {"p.jsonl": bad_jsonl(['{"prompt": "Once upon a time"}'])}),
+    Case("rl", "reward module that cannot be imported", [*RL, "rl.rewards=[{function: 'my_rewards:score'}]"],
+         "rl.rewards[0] (my_rewards:score): cannot import module 'my_rewards' (ModuleNotFoundError: No module named "
+         "'tuneforge_no_such_package')", {"my_rewards.py": "import tuneforge_no_such_package\n"}),
+    Case("rl", "reward returning the wrong count", [*RL, RL_FN.format("wrong_count")],
+         "rl.rewards[0] (tests.fixtures.rl_rewards:wrong_count): returned 3 values for 2 completions"),
+    Case("rl", "reward that raises", [*RL, RL_FN.format("raises")],
+         "rl.rewards[0] (tests.fixtures.rl_rewards:raises): raised ValueError: reward server unreachable"),
+    Case("rl", "reward returning text", [*RL, RL_FN.format("not_a_number")],
+         "rl.rewards[0] (tests.fixtures.rl_rewards:not_a_number): value 0 is str ('high'); expected a float or None"),
+    Case("rl", "reward reading a column the data lacks", [*RL, RL_FN.format("missing_column")],
+         "rl.rewards[0] (tests.fixtures.rl_rewards:missing_column): reads column 'solution', which the data does not "
+         "have (columns: answer, answers, context, id, question)"),
     # ---- runs and checkpoints ----
     Case("run", "finished run without --overwrite", [*FT, "run.name=done"],
          "already holds a run with nothing to resume; pass --overwrite", {"runs/done/final/x": "x"}),

@@ -57,6 +57,8 @@ def tiny_run_overrides(recipe: Path, tiny_models, output_dir: Path | None = None
         out += ["data.prompt_style=plain", "data.system_prompt=null"]
     if cfg.preference is not None:  # the SQuAD pairs' contexts are longer than 256 tokens of the tiny tokenizer
         out.append("preference.max_prompt_length=128")
+    if cfg.rl is not None:  # the global batch of 4 counts completions: 2 prompts x 2, short ones
+        out += ["rl.num_generations=2", "rl.max_completion_length=8"]
     if cfg.data.val_split is not None:
         out.append(f"data.val_split={2 if cfg.data.val_split >= 1 else cfg.data.val_split}")
     if cfg.eval.squad is not None:

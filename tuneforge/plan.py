@@ -23,7 +23,11 @@ this machine's device in the recipe's precision, times the efficiency the traini
 depend on the architecture. Encoder-decoder (seq2seq) models are not planned.
 A preference run's micro-batch of n pairs is 2n sequences (chosen and rejected); with the adapter switched off as
 the reference, each step also runs a forward without backward over them; precomputed reference log-probs cost one
-forward pass over the data before the first step, and no memory during training."""
+forward pass over the data before the first step, and no memory during training.
+An online RL run (rl section) also generates: its memory adds the KV cache and one step's fp32 logits of a generation
+batch (rows of seq_length tokens), which live while no activations do (the larger of the two counts), and a frozen copy
+of the weights where the reference is a copy; its time adds the prefill and the decode steps of the step's
+completions, at the same efficiency as training."""
 from __future__ import annotations
 
 import copy
@@ -36,6 +40,7 @@ import torch
 
 from tuneforge.config.rules.distributed import resolve_strategy
 from tuneforge.config.rules.preference import reference_kind
+from tuneforge.config.rules.rl import rl_reference_kind
 from tuneforge.config.schema import Config
 from tuneforge.errors import UserError
 from tuneforge.models.head import split_parts
@@ -62,10 +67,12 @@ class Estimate:
     activations: float
     loss: float
     runtime: float
+    generation: float = 0.0  # online RL: KV cache and logits of a generation batch (not alive with activations)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.loss + self.runtime
+        return (self.weights + self.gradients + self.optimizer + max(self.activations + self.loss, self.generation)
+                + self.runtime)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class TracedModel:
     hidden: int
     vocab: int
     plain_head: bool
+    kv_per_token: float = 0.0  # bytes of the KV cache per token, all layers, in the compute dtype
 
 
 def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
@@ -109,11 +117,14 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     lines = [f"model {cfg.model.name_or_path}: {facts.params / 1e6:,.1f}M parameters, {facts.trainable / 1e6:,.2f}M "
              f"trainable; {precision.name} on {device}; {strategy} x{world_size}; micro batch "
              f"{t.micro_batch_size} x {cfg.data.seq_length} tokens x accumulation {accum}"
-             + (preference_line(cfg, strategy) if cfg.preference is not None else ""),
+             + (preference_line(cfg, strategy) if cfg.preference is not None else "")
+             + (rl_line(cfg, strategy, world_size) if cfg.rl is not None else ""),
              "", f"{'peak memory per process (GiB)':<32}" + "".join(f"{name:>18}" for name in columns)]
-    for part in ("weights", "gradients", "optimizer", "activations", "loss", "runtime", "total"):
+    parts = ("weights", "gradients", "optimizer", "activations", "loss") + (("generation",) if cfg.rl else ()) + \
+        ("runtime", "total")
+    for part in parts:
         label = {"loss": "loss (head + logits chunk)", "runtime": "runtime (torch, libraries)",
-                 "total": "peak (estimate)"}.get(part, part)
+                 "generation": "generation (KV cache, logits)", "total": "peak (estimate)"}.get(part, part)
         lines.append(f"{label:<32}" + "".join(f"{getattr(e, part) / GiB:>18.2f}" for e in columns.values()))
     lines += ["", f"{device}: {available / GiB:.1f} GiB {where} -> "
               + ("fits" if fits else "does NOT fit: " + oom_advice(columns, available))]
@@ -124,6 +135,12 @@ def plan(cfg: Config, world_size: int = 1, device: str | None = None) -> str:
     tokens = t.global_batch_size * cfg.data.seq_length * sequences_per_example(cfg)
     lines.append(f"step time (estimate): {seconds:.2f} s per optimizer step of up to {tokens:,} tokens "
                  f"({flops / 1e12:.2f} TFLOP per process; ~{tokens / seconds / world_size:,.0f} tokens/s per process)")
+    if cfg.rl is not None:
+        gen_flops = generation_flops(cfg, facts, world_size)
+        gen_seconds = gen_flops / (matmul_throughput(device, precision.autocast, facts.hidden) * LOOP_EFFICIENCY)
+        lines.append(f"generation time (estimate): {gen_seconds:.2f} s per generation of "
+                     f"{t.global_batch_size // world_size} completions per process ({gen_flops / 1e12:.2f} TFLOP), "
+                     f"every {cfg.rl.num_iterations} step(s)")
     return "\n".join(lines)
 
 
@@ -153,8 +170,12 @@ def trace_model(cfg: Config, autocast, strategy: str) -> TracedModel:
     hidden = model.config.get_text_config().hidden_size
     saved = _saved_bytes(model, cfg.data.seq_length, autocast, FakeTensorMode)
     vocab = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None) or 1
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = 2 * len(layers) * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * (2 if autocast else 4)
     return TracedModel(params, trainable, weight_bytes, trainable_linear, frozen_linear, saved,
-                      hidden * 4, len(layers), hidden, vocab, type(head) is torch.nn.Linear)
+                      hidden * 4, len(layers), hidden, vocab, type(head) is torch.nn.Linear, kv)
 
 
 def _saved_bytes(model, seq_length: int, autocast, fake_mode_cls) -> float:
@@ -210,6 +231,33 @@ def preference_line(cfg: Config, strategy: str) -> str:
     return f"\npreference {cfg.preference.loss_type}: micro batch counts pairs, 2 sequences each; {how}"
 
 
+def rl_line(cfg: Config, strategy: str, world_size: int) -> str:
+    rl = cfg.rl
+    how = {"none": "no reference (beta 0)", "adapter_off": "reference = adapter off (one more forward per micro-batch)",
+           "copy": "reference = a frozen copy of the starting weights (counted in weights)"}[
+        rl_reference_kind(cfg, strategy)]
+    return (f"\nrl {rl.loss_type}: micro batch counts completions; {cfg.train.global_batch_size // world_size} "
+            f"completions of up to {rl.max_completion_length} tokens generated per process per generation, "
+            f"{generation_rows(cfg, world_size)} at a time; {how}")
+
+
+def generation_rows(cfg: Config, world_size: int) -> int:
+    """Completions one generate call holds on a process."""
+    per_process = cfg.train.global_batch_size // world_size
+    return min(cfg.rl.generation_batch_size or per_process, per_process)
+
+
+def generation_flops(cfg: Config, f: TracedModel, world_size: int) -> float:
+    """One generation on a process: the prompts' prefill (up to the prompt budget) and one decode step per completion
+    token, each through every linear layer, and the LM head once per generated token."""
+    rl = cfg.rl
+    completions = cfg.train.global_batch_size // world_size
+    prompt = rl.max_prompt_length or cfg.data.seq_length - rl.max_completion_length
+    body = f.frozen_linear + f.trainable_linear
+    return completions * ((prompt + rl.max_completion_length) * 2 * body
+                          + rl.max_completion_length * 2 * f.hidden * f.vocab)
+
+
 def memory(cfg: Config, f: TracedModel, micro: int, checkpointing: bool, shards: int) -> Estimate:
     seq = cfg.data.seq_length
     adam = 8 if cfg.train.optimizer.name in ("adam", "adamw") else 0
@@ -227,8 +275,15 @@ def memory(cfg: Config, f: TracedModel, micro: int, checkpointing: bool, shards:
     runtime = _rss_bytes() + WORKING_SET
     if shards > 1:  # one gathered layer while it runs
         runtime += f.weight_bytes / max(f.layers, 1)
-    return Estimate(f.weight_bytes / shards, 4 * f.trainable / shards, adam * f.trainable / shards, activations,
-                    loss, runtime)
+    weights, generation = f.weight_bytes / shards, 0.0
+    if cfg.rl is not None:
+        rows = generation_rows(cfg, shards)
+        # the KV cache of rows of seq_length tokens, and a decode step's fp32 logits, log-probs and sampling noise
+        generation = rows * (seq * f.kv_per_token + 3 * 4 * f.vocab)
+        if rl_reference_kind(cfg, "fsdp2" if shards > 1 else "single") == "copy":
+            weights += f.weight_bytes
+    return Estimate(weights, 4 * f.trainable / shards, adam * f.trainable / shards, activations, loss, runtime,
+                    generation)
 
 
 def suggest_micro_batch(cfg: Config, f: TracedModel, checkpointing: bool, shards: int, available: float) -> int | None:
@@ -276,8 +331,9 @@ def step_time(cfg: Config, f: TracedModel, autocast, device: str, world_size: in
     labelled = tokens * (1.0 if cfg.data.train_on_inputs else LABELLED_SHARE)
     body = f.frozen_linear + f.trainable_linear
     per_token = 2 * body + 2 * body + 2 * f.trainable_linear + (2 * body if checkpointing else 0)
-    if cfg.preference is not None and reference_kind(cfg, resolve_strategy(cfg.distributed, world_size)) == \
-            "adapter_off":
+    strategy = resolve_strategy(cfg.distributed, world_size)
+    if (cfg.preference is not None and reference_kind(cfg, strategy) == "adapter_off") or \
+            (cfg.rl is not None and rl_reference_kind(cfg, strategy) != "none"):
         per_token += 2 * f.frozen_linear  # the reference's forward: the base weights, no backward
     flops = tokens * per_token + labelled * 4 * f.hidden * f.vocab
     return flops / (matmul_throughput(device, autocast, f.hidden) * LOOP_EFFICIENCY), flops

@@ -31,6 +31,11 @@ PLOTS = [
                                       ("rewards/rejected", "train rewards/rejected"),
                                       ("rewards/margins", "train rewards/margins"),
                                       ("val_rewards/margins", "held-out rewards/margins")]),
+    ("Reward (online RL)", "reward", [("reward", "train reward (sampled)"), ("reward_std", "train reward std"),
+                                      ("val_reward", "held-out reward (greedy)")]),
+    ("Online RL: what to watch", "value", [("frac_reward_zero_std", "groups with zero reward std"),
+                                           ("entropy", "entropy per token"),
+                                           ("completions/clipped_ratio", "completions cut at max length")]),
 ]
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -98,7 +103,7 @@ def final_scores(run_dir: Path, rows: list[dict]) -> list[tuple[str, dict]]:
     table = []
     last: dict = {k: None for k in ("loss", "val_loss", "val_perplexity", "squad_em", "squad_f1", "val_accuracy",
                                     "val_macro_f1", "rewards/accuracies", "rewards/margins", "val_rewards/accuracies",
-                                    "val_rewards/margins")}
+                                    "val_rewards/margins", "reward", "val_reward")}
     for row in rows:
         last.update({k: v for k, v in row.items() if k in last or k.startswith("val_loss/")})
     last = {("perplexity" if k == "val_perplexity" else k): v for k, v in last.items() if v is not None}

@@ -48,6 +48,7 @@ class Row:
     packing: str = ""            # "exact (per example | packed-sequence mask | block mask)", or "refused: why"
     head: str = ""               # "split" or "full forward: why"
     attention: str = ""
+    rl: str = ""                 # online RL: "ok (shared prompt cache)" / "ok (whole rows: why)" or what failed
     seconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -220,8 +221,58 @@ def sweep_one(model_type: str, work: Path) -> Row:
         except Exception as e:  # noqa: BLE001 - a failure of tuneforge's is the finding
             setattr(row, kind, f"{type(e).__name__}: {_first(e)}")
             row.notes.append(traceback.format_exc(limit=-3))
+    try:
+        row.rl = rl_check(base_model)
+    except Exception as e:  # noqa: BLE001 - a failure of tuneforge's is the finding
+        row.rl = f"{type(e).__name__}: {_first(e)}"
+        row.notes.append(traceback.format_exc(limit=-3))
     row.seconds = time.perf_counter() - started
     return row
+
+
+def rl_check(model) -> str:
+    """Online RL on this type: tuneforge's sampler draws completions (KV cache, each group's prompt cache shared where
+    the check allows it), and the training forward's log-probs of those completions equal the ones recorded while
+    sampling (fp32, 1e-4)."""
+    from tuneforge.eval.rollout import SamplingSettings, choose_sampling_mode, sample
+    from tuneforge.models.load import resolve_precision
+    from tuneforge.models.policy import _row_batch, check_shared_prefix, completion_logps
+    from tuneforge.train.grpo import MAX_SAMPLER_GAP
+
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    precision = resolve_precision("float32", "cpu")
+    why = check_shared_prefix(lambda b: completion_logps(model, b), vocab, 0, "cpu")
+    mode, why_mode, best = choose_sampling_mode(model, vocab, 0, "cpu", precision)
+    if best > MAX_SAMPLER_GAP:
+        return f"refused: {why_mode}"
+    prompts = [[(i * 41) % (vocab - 3) + 3 for i in range(6)], [(i * 59) % (vocab - 3) + 3 for i in range(4)]]
+    groups = [0, 0, 1, 1]
+    got = sample(model.forward, prompts if why is None else [prompts[g] for g in groups], [21, 22, 23, 24],
+                 SamplingSettings(6), 0, set(), "cpu", precision, groups=groups if why is None else None,
+                 mode=mode)
+    rows = [prompts[g] + c for g, c in zip(groups, got.completions)]
+    with torch.no_grad():
+        logps, _ = completion_logps(model, _row_batch(rows, [len(prompts[g]) for g in groups], 0, "cpu"))
+    sampled = torch.tensor([lp for row in got.logps for lp in row])
+    gap = float((logps - sampled).abs().max())
+    if gap > 1e-4:
+        alone = max(float((completion_logps(model, _row_batch([row], [len(prompts[g])], 0, "cpu"))[0]
+                           - logps[sum(len(c) for c in got.completions[:k]):][:len(got.completions[k])]).abs().max())
+                    for k, (row, g) in enumerate(zip(rows, groups)))
+        if alone > 1e-4:  # the model's own forward, not the sampler
+            return (f"approximate: the model's forward depends on the rows batched with it (a row alone against in a "
+                    f"batch: log-prob gap {alone:.2g}; sampler gap {gap:.2g})")
+        if "without a KV cache, one prompt at a time: log-prob gap" in (why_mode or ""):
+            # the sequence so far through the model at every step differs from the whole row: a position's output
+            # depends on the tokens after it
+            return (f"approximate: the model's forward is not causal here (a prefix's last position against the whole "
+                    f"row's; sampler gap {gap:.2g})")
+        return f"sampler and training forward differ (max log-prob gap {gap:.2g}; {why_mode})"
+    paths = ["shared prompt cache" if why is None else f"whole rows: {why}"]
+    if why_mode:
+        paths.append(f"sampled with {mode.describe()}: {why_mode}")
+    return f"ok ({'; '.join(paths)})"
 
 
 def _first(e: Exception) -> str:
@@ -240,14 +291,20 @@ def table(rows: list[Row]) -> str:
              f"packed-sequence mask, {sum(r.packing == 'exact (block mask)' for r in trainable)} with their own "
              f"attention under tuneforge's block mask) and refuses to pack "
              f"{sum(r.packing.startswith('refused') for r in trainable)}; "
-             f"{sum(r.head.startswith('full') for r in trainable)} use the full forward for the loss.", "",
-             "| type | LoRA | full | packing | head path | attention |", "|---|---|---|---|---|---|"]
+             f"{sum(r.head.startswith('full') for r in trainable)} use the full forward for the loss; online RL "
+             f"samples and scores {sum(r.rl.startswith('ok') for r in trainable)} exactly and "
+             f"{sum(r.rl.startswith('approximate') for r in trainable)} approximately, refuses "
+             f"{sum(r.rl.startswith('refused') for r in trainable)} "
+             f"({sum(r.rl.startswith('ok (shared prompt cache') for r in trainable)} on each group's shared prompt "
+             f"cache, {sum('sampled with' in r.rl for r in trainable)} sampled otherwise than in left-padded batches).",
+             "",
+             "| type | LoRA | full | packing | head path | attention | online RL |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.plain != "ok":
-            lines.append(f"| `{r.model_type}` | plain transformers + peft fails: {_cell(r.plain)} | | | | |")
+            lines.append(f"| `{r.model_type}` | plain transformers + peft fails: {_cell(r.plain)} | | | | | |")
             continue
         lines.append(f"| `{r.model_type}` | {_cell(r.lora)} | {_cell(r.full)} | {_cell(r.packing)} | "
-                     f"{_cell(r.head)} | {_cell(r.attention)} |")
+                     f"{_cell(r.head)} | {_cell(r.attention)} | {_cell(r.rl)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -297,8 +354,12 @@ A cell reads `ok` when the run's step-0 validation loss equals the next-token lo
 loss equals that of `final/` reloaded by plain peft (LoRA) or transformers (full). Packing is `exact` when the
 packed step-0 loss is that padded loss, with the path that makes it so (tuneforge's per-example attention,
 transformers' packed-sequence mask, or the model's own attention under tuneforge's block mask), or refused with the
-reason tuneforge gives. Made by `make models-table` (tests/models/sweep.py); `make test-models` runs the same checks
-in CI.
+reason tuneforge gives. Online RL is `ok` when tuneforge's sampler draws completions from the model (KV cache; each
+group's prompt cache shared where a forward shows it gives whole rows' log-probs, else whole rows, with the reason;
+prompts of different lengths left-padded together with positions from the mask where that changes nothing, else the
+first of: positions left to the model, one prompt length at a time, no KV cache) and the
+training forward's log-probs of those completions equal the ones recorded while sampling (fp32, 1e-4).
+Made by `make models-table` (tests/models/sweep.py); `make test-models` runs the same checks in CI.
 
 """
 

@@ -35,14 +35,20 @@ class TrainState:
     scheduler: Any      # an LRScheduler: state_dict / load_state_dict
     loader: Any         # the stateful training loader: state_dict / load_state_dict give its data position
     step: int = 0       # optimizer steps taken
+    objective: Any = None  # the objective's own state (online RL: the completions a later step reuses), or None
 
     def progress(self) -> dict:
         """This process's own part: saved per rank, since each rank reads its own share of the data."""
-        return {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(),
-                "step": self.step}
+        saved = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(),
+                 "step": self.step}
+        if self.objective is not None:
+            saved["objective"] = self.objective.state_dict()
+        return saved
 
     def load_progress(self, saved: dict) -> None:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.loader.load_state_dict(saved["loader"])
         set_rng_state(saved["rng"])
         self.step = int(saved["step"])
+        if self.objective is not None and "objective" in saved:
+            self.objective.load_state_dict(saved["objective"])

@@ -64,6 +64,8 @@ def apply_override(raw: dict, item: str) -> None:
     node, i = raw, 0
     while i < len(parts) - 1:
         part, child = parts[i], node.get(parts[i])
+        if isinstance(child, Override) and isinstance(child.parsed, (dict, list)):
+            child = node[part] = child.parsed  # a section given whole by an earlier override: set a key inside it
         if isinstance(child, list):  # a list of sections (peft: [...]): address an item by its index, peft.0.x
             index = parts[i + 1]
             if (i + 2 >= len(parts) or not index.isdigit() or int(index) >= len(child)

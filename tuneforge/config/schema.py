@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional, Union
 
 from tuneforge.config.peft_methods import METHOD_HELP, METHOD_NAMES
 from tuneforge.config.preference_losses import LOSS_HELP, LOSS_NAMES, WITH_REFERENCE
+from tuneforge.config.rewards import REWARD_NAMES
 
 
 def doc(help: str, default: Any = None, factory: Any = None):
@@ -120,10 +121,13 @@ class PeftConfig:
 class DataSource:
     path: str = doc(
         "data file (json / jsonl / arrow / parquet / txt), a saved `datasets` directory, or a Hub dataset id", "")
-    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification", "preference"] = doc(
+    format: Literal["squad", "alpaca", "dolly", "input_output", "chat", "text", "classification", "preference",
+                    "prompt"] = doc(
         "record format: squad (v1.1/v2 json), alpaca, dolly, input_output, chat (OpenAI messages), text, "
         "classification (a text and a label per row; model.kind: sequence_classification), preference (prompt, "
-        "chosen and rejected per row, as strings or chat messages; needs the preference section)", "squad")
+        "chosen and rejected per row, as strings or chat messages; needs the preference section), prompt (a prompt "
+        "per row, as a string or chat messages, its other columns kept for the rewards; needs the rl section)",
+        "squad")
     limit: Optional[int] = doc("use only the first N examples", None)
     name: Optional[str] = doc("name in reports and in metrics (val_loss/<name>); default: the file name", None)
     weight: float = doc("sampling weight among several training sources (share of the drawn examples)", 1.0)
@@ -325,6 +329,57 @@ class PreferenceConfig:
 
 
 @dataclass
+class RewardSpec:
+    function: str = doc(f"a built-in reward ({', '.join(REWARD_NAMES)}) or a function by import path "
+                        "(my_rewards:score) called as TRL calls one: prompts=, completions=, completion_ids=, the "
+                        "record's other columns as keyword lists; it returns one float (or None) per completion", "")
+    weight: float = doc("its weight in the summed reward", 1.0)
+    name: Optional[str] = doc("its name in metrics (rewards/<name>/mean); default: the function's name", None)
+    column: Optional[str] = doc("exact_match: the record's column holding the expected answer", None)
+    pattern: Optional[str] = doc("regex: the pattern the whole completion must match", None)
+    target: Optional[int] = doc("length: the completion length (characters) rewarded most", None)
+
+
+@dataclass
+class RLConfig:
+    rewards: list[RewardSpec] = doc("the reward functions, summed with their weights (at least one)", factory=list)
+    num_generations: int = doc("completions sampled per prompt (G, a group); train.global_batch_size counts "
+                               "completions and is a multiple of it (TRL: num_generations)", 8)
+    max_completion_length: int = doc("tokens a completion may have; one that reaches it without eos or end of turn "
+                                     "is truncated (TRL: max_completion_length)", 256)
+    max_prompt_length: Optional[int] = doc(
+        "prompt tokens kept (the context is cut, as for evaluation); null = data.seq_length - max_completion_length",
+        None)
+    temperature: float = doc("sampling temperature; the log-probs the loss reads are of logits / temperature", 1.0)
+    top_p: float = doc("nucleus sampling: keep the smallest set of tokens whose probability reaches top_p", 1.0)
+    top_k: int = doc("sample among the k likeliest tokens (0 = all)", 0)
+    generation_batch_size: Optional[int] = doc(
+        "completions per generation batch on a process (null = all of a step's at once)", None)
+    beta: float = doc("weight of the KL penalty to the reference (k3 estimator); 0 = no reference (TRL: beta)", 0.0)
+    kl_ratio_correction: bool = doc(
+        "multiply the KL term by the ratio pi / pi_old, which makes its gradient the unbiased reverse-KL gradient "
+        "and changes it even where the ratio is 1 (TRL: use_bias_correction_kl, default true there too)", True)
+    reference: Literal["auto", "adapter_off", "copy"] = doc(
+        "the reference when beta > 0: adapter_off = the same weights with the adapter switched off (LoRA/IA3, no "
+        "second copy); copy = a frozen copy of the starting model; auto = adapter_off for a LoRA/IA3 run started from "
+        "the base model, else copy", "auto")
+    epsilon: float = doc("clipping: the ratio pi / pi_old is kept within [1 - epsilon, 1 + epsilon_high]", 0.2)
+    epsilon_high: Optional[float] = doc("upper clipping bound (DAPO: 0.28); null = epsilon", None)
+    num_iterations: int = doc("optimizer steps per generation batch (mu); ratios are taken against the log-probs of "
+                              "the weights that sampled (TRL: num_iterations)", 1)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = doc(
+        "grpo = each completion's token mean, averaged over completions; dapo = every completion token of the step "
+        "(all micro-batches and processes) counts once; dr_grpo = the token sum over completions x "
+        "max_completion_length; bnpo = each micro-batch's token mean (TRL's, which depends on the split)", "dapo")
+    scale_rewards: Literal["group", "batch", "none"] = doc(
+        "advantage = reward - its group's mean, divided by the std of its group, of the whole step's rewards, or "
+        "by nothing", "group")
+    mask_truncated_completions: bool = doc("completions cut at max_completion_length count for nothing in the loss",
+                                           False)
+    log_completions: int = doc("completions written to <run>/completions.jsonl at each generation (0 = none)", 4)
+
+
+@dataclass
 class Config:
     run: RunConfig = doc("run identity and seed", factory=RunConfig)
     model: ModelConfig = doc("base model", factory=ModelConfig)
@@ -341,3 +396,6 @@ class Config:
     preference: Optional[PreferenceConfig] = doc(
         "preference tuning on chosen/rejected pairs (DPO and its family; data format preference); null = "
         "supervised fine-tuning", None)
+    rl: Optional[RLConfig] = doc(
+        "online RL with verifiable rewards (GRPO and its loss family): the policy samples completions of the data's "
+        "prompts, the rewards score them, the step learns; null = supervised fine-tuning", None)

@@ -91,6 +91,10 @@ class TrainModule(nn.Module):
         return training_loss(self.model, batch, full_forward=self.full_forward, chunk_tokens=self.loss_chunk_tokens,
                              with_logits=with_logits)
 
+    def decode(self, **kwargs):
+        """The model's own forward (online RL's sampler: eval/rollout.py), registered under FSDP2 like generate."""
+        return self.model(**kwargs)
+
     def generate(self, **kwargs):
         """The model's generate. Under FSDP2 apply_fsdp registers it as a forward of the root unit, which holds the
         embeddings, final norm and LM head: called on the inner model, those would stay sharded (DTensors), since
@@ -113,6 +117,7 @@ def apply_fsdp(module: TrainModule, cfg: DistributedConfig, env: DistEnv, param_
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **common)
     fully_shard(module, reshard_after_forward=False, **common)  # the root is needed again at once by backward
     register_fsdp_forward_method(module, "generate")  # eval.squad: the root gathers its weights around generate
+    register_fsdp_forward_method(module, "decode")  # online RL's sampler, likewise
     return module
 
 

@@ -16,6 +16,7 @@ from tuneforge.config.schema import Config, DataConfig, DataSource
 from tuneforge.config.sources import is_hub_id, validation_sets
 from tuneforge.data import build_eval_batches, load_records, prepare_source, source_name, template_for
 from tuneforge.data.pairs import pair_eval_batches, prepare_pair_set
+from tuneforge.data.prompts import prepare_prompt_set
 from tuneforge.data.records import Record
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.tokenize import chat_prompts_for, render_prompt
@@ -26,6 +27,8 @@ from tuneforge.eval.classify import evaluate_classifier
 from tuneforge.eval.generate import generate
 from tuneforge.eval.harness import run_harness
 from tuneforge.eval.preference import PreferenceStep, validate_pairs
+from tuneforge.eval.rewards import held_out_rewards, load_rewards, reward_table, score
+from tuneforge.eval.rollout import SamplingSettings, choose_sampling_mode, sample, stop_token_ids
 from tuneforge.eval.squad import squad_scores
 from tuneforge.eval.validate import validate
 from tuneforge.models.classify import is_classifier
@@ -213,6 +216,32 @@ def evaluate_pairs(model, tokenizer, cfg: Config, sources: list[tuple[str, DataS
     return scores
 
 
+@torch.no_grad()
+def evaluate_rewards(model, tokenizer, cfg: Config, sources: list[tuple[str, DataSource]], precision,
+                     batch_size: int) -> dict:
+    """An RL run's held-out prompts: one greedy completion each (sampled as training samples this model), scored by
+    the run's rewards: val_reward and val_rewards/<name>/mean, as validation during training logs them."""
+    rewards, stops = load_rewards(cfg.rl.rewards), stop_token_ids(tokenizer, model)
+    model.eval()
+    mode, _, _ = choose_sampling_mode(model, model.get_input_embeddings().num_embeddings, tokenizer.pad_token_id,
+                                      model.device, resolve_precision("float32", model.device.type))
+    settings = SamplingSettings(cfg.rl.max_completion_length, greedy=True)
+    per_set = {}
+    for name, source in sources:
+        prompts = prepare_prompt_set(cfg.data, cfg.rl, [source], tokenizer).examples
+        values = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            got = sample(model.forward, [p.ids for p in chunk], [0] * len(chunk), settings, tokenizer.pad_token_id,
+                         stops, model.device, precision, mode=mode)
+            texts = [tokenizer.decode([t for t in c if t not in stops], skip_special_tokens=True)
+                     for c in got.completions]
+            values.append(reward_table(rewards, score(rewards, [p.shown for p in chunk], texts, got.completions,
+                                                      [p.columns for p in chunk])))
+        per_set[name] = torch.cat(values)
+    return held_out_rewards(rewards, per_set)
+
+
 def _limited(source: DataSource, limit: int | None) -> DataSource:
     return dataclasses.replace(source, limit=limit if limit is not None else source.limit)
 
@@ -246,6 +275,8 @@ def evaluate_run(opts: EvalOptions) -> dict:
         results.update(evaluate_classifier(model, tokenizer, cfg.data, sources, precision, batch_size))
     elif cfg.preference is not None:  # held-out pairs: the preference loss and TRL's rewards/* against the reference
         results.update(evaluate_pairs(model, tokenizer, cfg, sources, precision, Path(run_dir), batch_size))
+    elif cfg.rl is not None:  # held-out prompts: the greedy reward, as training scores them
+        results.update(evaluate_rewards(model, tokenizer, cfg, sources, precision, batch_size))
     else:
         results.update(evaluate_loss(model, tokenizer, cfg.data, sources, precision, batch_size))
     squad = None if is_classifier(model) else squad_source(cfg, dataset, limit)

@@ -19,6 +19,7 @@ from tuneforge.data.pairs import is_pair_batch
 from tuneforge.data.tokenize import IGNORE
 from tuneforge.models.classify import is_classifier
 from tuneforge.models.head import split_head
+from tuneforge.models.policy import completion_logps, is_rl_batch
 from tuneforge.models.preference import sequence_logps
 from tuneforge.models.seq2seq import is_seq2seq_batch
 
@@ -35,6 +36,8 @@ def training_loss(model, batch: dict[str, torch.Tensor], full_forward: bool = Fa
         return seq2seq_loss(model, batch)
     if is_pair_batch(batch):  # preference pairs: per-sequence log-probs, for the preference loss of the step
         return sequence_logps(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)
+    if is_rl_batch(batch):  # sampled completions: per-token log-probs and entropies, for the RL loss of the step
+        return completion_logps(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)
     if is_classifier(model):  # one label per sequence
         return classification_loss(model, batch, with_logits)
     return causal_lm_loss(model, batch, full_forward=full_forward, chunk_tokens=chunk_tokens)

@@ -78,7 +78,8 @@ class MetricsSink:
             self.wandb.log(record, step=step)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, description=_short(metrics))
-        if step % self.print_every == 0 or step == self.total or "val_loss" in metrics or "squad_f1" in metrics:
+        if step % self.print_every == 0 or step == self.total or "val_loss" in metrics or "squad_f1" in metrics \
+                or "val_reward" in metrics:
             self.info(f"step {step:>5}/{self.total}  {_short(metrics)}")
 
     def info(self, message: str) -> None:
@@ -116,6 +117,8 @@ _CONSOLE = (("loss", "loss {loss:.4f}"), ("val_loss", "val_loss {val_loss:.4f}")
             ("rewards/accuracies", "reward acc {m[rewards/accuracies]:.2f} margin {m[rewards/margins]:.3f}"),
             ("val_rewards/accuracies", "val reward acc {m[val_rewards/accuracies]:.2f} margin "
                                        "{m[val_rewards/margins]:.3f}"),
+            ("reward", "reward {reward:.3f} std {reward_std:.3f} zero-std groups {frac_reward_zero_std:.2f}"),
+            ("val_reward", "val reward {val_reward:.3f}"),
             ("squad_f1", "squad EM {squad_em:.1f} F1 {squad_f1:.1f}"), ("lr", "lr {lr:.2e}"),
             ("tokens_per_s", "{tokens_per_s:,.0f} tok/s"))
 

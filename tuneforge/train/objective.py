@@ -8,11 +8,12 @@ train_step -> train -> finish the same way for every objective; a new objective 
 its own, subclassing Objective, and one entry in the recipe's OBJECTIVES.
 
   sft         supervised fine-tuning: causal LM, seq2seq and classifier batches alike (models/loss.py picks the loss)
-  preference  DPO and its family on pairs (train/preference.py), chosen by the recipe's preference section"""
+  preference  DPO and its family on pairs (train/preference.py), chosen by the recipe's preference section
+  rl          online RL with verifiable rewards, GRPO and its loss family (train/grpo.py), chosen by the rl section"""
 from __future__ import annotations
 
 from tuneforge.config import Config
-from tuneforge.data import build_eval_batches, prepare_data
+from tuneforge.data import build_eval_batches, count_input_tokens, prepare_data
 from tuneforge.data.seq2seq import build_seq2seq_collator
 from tuneforge.data.summary import data_summary_lines
 from tuneforge.distributed import DistEnv, all_reduce_sum, set_gradient_sync
@@ -26,6 +27,7 @@ class Objective:
     differs (train/preference.py)."""
     name = "sft"
     counts = "label_tokens"  # what a step's loss is divided by, as its metrics name it
+    has_state = False  # whether a checkpoint saves the objective's own state (state_dict / load_state_dict)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -41,6 +43,27 @@ class Objective:
     def row_tokens(self, train_data) -> int:
         """Tokens of a packed row (or the longest padded one)."""
         return self.cfg.data.seq_length
+
+    def loader_batch_size(self, world_size: int) -> int:
+        """Items per batch the training loader yields on a process (SFT: a micro-batch of examples)."""
+        return self.cfg.train.micro_batch_size
+
+    def steps_per_epoch(self, per_rank: int, accum: int) -> float:
+        """Optimizer steps per pass over the training data, from the loader's batches per process."""
+        return per_rank / accum
+
+    def draw(self, batches, accum: int, step: int) -> list:
+        """What optimizer step `step` + 1 takes from the loader: its micro-batches."""
+        return [next(batches) for _ in range(accum)]
+
+    def input_tokens(self, draws: list, env: DistEnv) -> int:
+        """Real (non-padding) tokens the step read, over all processes: throughput."""
+        return int(all_reduce_sum(sum(count_input_tokens(mb) for mb in draws), env))
+
+    def prepare_model(self, model, strategy: str, env: DistEnv) -> list[str]:
+        """Anything taken from (or checked on) the starting model before it is wrapped and a checkpoint resumed;
+        returns lines for the log. Nothing for SFT."""
+        return []
 
     def eval_batches(self, vals: dict, tokenizer, env: DistEnv, collate) -> dict:
         t, data = self.cfg.train, self.cfg.data

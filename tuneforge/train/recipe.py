@@ -21,7 +21,7 @@ from tuneforge.checkpoint import check_checkpoint_fits, load_checkpoint, save_ch
 from tuneforge.checkpoint.init_from import apply_init_from
 from tuneforge.checkpoint.state import TrainState
 from tuneforge.config import Config, to_dict
-from tuneforge.data import build_train_loader, count_input_tokens
+from tuneforge.data import build_train_loader
 from tuneforge.data.loader import check_packing_backend
 from tuneforge.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, inner_model,
                                    launched_world_size, needs_skeleton, shutdown, wrap_model)
@@ -44,6 +44,7 @@ from tuneforge.train.final import consolidated_state, save_final
 from tuneforge.train.metrics import MetricsSink, step_row
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.objective import Objective
+from tuneforge.train.grpo import GRPOObjective
 from tuneforge.train.preference import PreferenceObjective
 from tuneforge.train.signals import StopRequest
 
@@ -51,7 +52,7 @@ log = logging.getLogger("tuneforge")
 
 # The objectives a recipe selects by a section of its own (train/objective.py); supervised fine-tuning where none is
 # set. A new objective is its module and one entry here.
-OBJECTIVES = {"preference": PreferenceObjective}
+OBJECTIVES = {"preference": PreferenceObjective, "rl": GRPOObjective}
 
 
 def build_objective(cfg: Config) -> Objective:
@@ -154,6 +155,7 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
     path_lines, per_example = check_fast_paths(model, cfg, env, kind, per_example, tokenizer.pad_token_id)
     path_lines.insert(0, attention_line(model, facts, per_example))
     init_lines = apply_init_from(model, cfg) if cfg.model.init_from else []  # a resumed checkpoint then overrides
+    path_lines += objective.prepare_model(model, strategy, env)  # e.g. online RL's reference copy, its checks
     model.train()
     trainable, total = count_parameters(model)
     finetuning_lines = describe_finetuning(model, cfg)  # before sharding replaces the parameters
@@ -168,15 +170,17 @@ def setup(cfg: Config, overwrite: bool, env: DistEnv, facts: Preflight) -> Train
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
     collate = objective.collator(tokenizer, model.config)  # or None: the loader's own
-    loader = build_train_loader(train_data.examples, t.micro_batch_size, tokenizer.pad_token_id, cfg.run.seed,
-                                env.rank, env.world_size, cfg.data.batching, objective.row_tokens(train_data),
+    loader = build_train_loader(train_data.examples, objective.loader_batch_size(env.world_size),
+                                tokenizer.pad_token_id, cfg.run.seed, env.rank, env.world_size, cfg.data.batching,
+                                objective.row_tokens(train_data),
                                 sizes=train_data.bounds_sizes, weights=train_data.weights, shuffle=cfg.data.shuffle,
                                 num_workers=cfg.data.num_workers, collate_fn=collate)
-    per_epoch = loader.batch_sampler.per_rank / accum
+    per_epoch = objective.steps_per_epoch(loader.batch_sampler.per_rank, accum)
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * per_epoch))
     val_batches = objective.eval_batches(vals, tokenizer, env, collate)
     optimizer = build_optimizer(module, t.optimizer)  # after wrapping: FSDP2 replaces parameters by shards
-    state = TrainState(module, optimizer, build_scheduler(optimizer, t.lr_scheduler, total_steps), loader)
+    state = TrainState(module, optimizer, build_scheduler(optimizer, t.lr_scheduler, total_steps), loader,
+                       objective=objective if objective.has_state else None)
     if resume_from is not None:
         load_checkpoint(resume_from, state, env)
     training = Training(cfg, env, strategy, plan.run_dir, precision, tokenizer, state, accum, total_steps, per_epoch,
@@ -315,7 +319,7 @@ def train(training: Training) -> int:
         release_every = t.release_memory_every_steps if env.device == "cpu" else None
         while state.step < last_step:
             started = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(training.accum)]
+            micro_batches = training.objective.draw(batches, training.accum, state.step)
             lr = state.scheduler.get_last_lr()[0]
             result = train_step(state, micro_batches, training.precision, env, training.params, t.grad_clip,
                                 training.objective)
@@ -337,8 +341,8 @@ def train(training: Training) -> int:
 
             metrics = {}
             if step % t.log_every_steps == 0 or step == total_steps or not result.healthy:
-                real_tokens = all_reduce_sum(sum(count_input_tokens(mb) for mb in micro_batches), env)
-                metrics = step_row(result, lr, int(real_tokens), time.perf_counter() - started,
+                real_tokens = training.objective.input_tokens(micro_batches, env)
+                metrics = step_row(result, lr, real_tokens, time.perf_counter() - started,
                                    training.objective.counts, step / training.per_epoch, skipped)
             if training.val_batches and ((t.val_every_steps and step % t.val_every_steps == 0) or step == total_steps):
                 metrics.update(training.validate())
@@ -425,6 +429,13 @@ def summarize(metrics_path: Path, seconds: float) -> str:
     if accuracy:
         parts.append(f"held-out rewards/accuracies {accuracy[0]:.3f} -> {accuracy[-1]:.3f}, chosen likelier "
                      f"{likelier[0]:.3f} -> {likelier[-1]:.3f}")
+    reward = [r["reward"] for r in rows if "reward" in r]
+    if reward:  # online RL: the loss is ~0 by construction; the reward is what moves
+        head, tail = reward[: max(1, len(reward) // 10)], reward[-max(1, len(reward) // 10):]
+        parts.append(f"reward {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f} (first/last 10%)")
+    val_reward = [r["val_reward"] for r in rows if "val_reward" in r]
+    if val_reward:
+        parts.append(f"held-out greedy reward {val_reward[0]:.3f} -> {val_reward[-1]:.3f}")
     squad = [(r["step"], r["squad_em"], r["squad_f1"]) for r in rows if "squad_f1" in r]
     if squad:  # a score at step 0 is the base model's
         (s0, em0, f0), (s1, em1, f1) = squad[0], squad[-1]

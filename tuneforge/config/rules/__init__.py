@@ -16,6 +16,7 @@ from tuneforge.config.rules.kind import check_kind
 from tuneforge.config.rules.model import check_model
 from tuneforge.config.rules.peft import validate_peft_section
 from tuneforge.config.rules.preference import check_preference
+from tuneforge.config.rules.rl import check_rl
 from tuneforge.config.rules.train import check_checkpoint, check_train
 from tuneforge.config.schema import Config
 
@@ -30,6 +31,7 @@ def check_recipe(cfg: Config, origin: str = "<config>", world_size: int = 1, che
     validate_peft_section(cfg, origin)
     check_eval(cfg, origin, check_paths)
     check_preference(cfg, origin)
+    check_rl(cfg, origin)
     check_world(cfg, world_size, origin)
     if cfg.model.kind != "auto":  # otherwise the kind comes from config.json: the pre-flight checks it
         check_kind(cfg, cfg.model.kind, origin)

@@ -15,3 +15,9 @@ def check_batch(cfg: Config, origin: str | None, world_size: int) -> None:
     check(t.global_batch_size % per_step == 0, origin,
           f"train.global_batch_size ({t.global_batch_size}) is not divisible by micro_batch_size "
           f"({t.micro_batch_size}) x data-parallel size ({world_size}) = {per_step}")
+    if cfg.rl is not None and t.global_batch_size % cfg.rl.num_generations == 0:
+        groups = t.global_batch_size // cfg.rl.num_generations
+        check(groups % world_size == 0, origin,
+              f"train.global_batch_size ({t.global_batch_size}) / rl.num_generations ({cfg.rl.num_generations}) = "
+              f"{groups} prompts a step, not divisible by the data-parallel size ({world_size}): each process "
+              "samples whole groups")

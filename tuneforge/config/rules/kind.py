@@ -16,6 +16,8 @@ def check_kind(cfg: Config, kind: str, origin: str | None = None) -> None:
     """Every rule that depends on the model kind."""
     if cfg.preference is not None and kind != "causal_lm":
         fail(origin, f"preference: trains causal language models; this model is {kind}")
+    if cfg.rl is not None and kind != "causal_lm":
+        fail(origin, f"rl: trains causal language models (the policy samples its completions); this model is {kind}")
     if kind == "seq2seq":
         check_seq2seq_recipe(cfg, origin)
     check_classification_recipe(cfg, kind, origin)

@@ -58,25 +58,25 @@ def reference_kind(cfg: Config, strategy: str, origin: str | None = None) -> str
     pref = cfg.preference
     if pref is None or pref.loss_type in REFERENCE_FREE:
         return "none"
-    parts = peft_parts(cfg.peft)
-    why = None
-    if len(parts) != 1 or parts[0].method not in REFERENCE_OFF:
-        why = f"needs one adapter of {', '.join(REFERENCE_OFF)} (this run trains {_what_trains(parts)})"
-    elif cfg.train.trainable is not None:
-        why = "needs the adapter alone to train (train.trainable also trains base weights)"
-    elif cfg.model.init_from:
-        why = ("would give the base model, not the model.init_from run the training starts from; use "
-               "precomputed (auto picks it)")
-    elif strategy == "fsdp2":
-        why = "is not available under fsdp2 (the reference runs a second forward of sharded units); use precomputed"
+    why = adapter_off_obstacle(cfg)
+    if why is None and strategy == "fsdp2":
+        why = "is not available under fsdp2 (the reference runs a second forward of sharded units)"
     if pref.reference == "adapter_off" and why:
-        fail(origin, f"preference.reference: adapter_off {why}")
+        fail(origin, f"preference.reference: adapter_off {why}; use precomputed (auto picks it)")
     if pref.reference == "precomputed" or why:
         return "precomputed"
     return "adapter_off"
 
 
-def _what_trains(parts) -> str:
-    if not parts:
-        return "full weights"
-    return " + ".join(p.method for p in parts)
+def adapter_off_obstacle(cfg: Config) -> str | None:
+    """Why switching the adapter off would not give the starting model (a reference of a preference or RL run), or
+    None where it does: the adapter is the one thing that trains, and the run starts from the base."""
+    parts = peft_parts(cfg.peft)
+    if len(parts) != 1 or parts[0].method not in REFERENCE_OFF:
+        trains = " + ".join(p.method for p in parts) if parts else "full weights"
+        return f"needs one adapter of {', '.join(REFERENCE_OFF)} (this run trains {trains})"
+    if cfg.train.trainable is not None:
+        return "needs the adapter alone to train (train.trainable also trains base weights)"
+    if cfg.model.init_from:
+        return "would give the base model, not the model.init_from run the training starts from"
+    return None
