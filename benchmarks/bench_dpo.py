@@ -60,6 +60,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.side_by_side import publish
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PAIRS_SRC = REPO / "assets" / "data" / "squad_pairs" / "train.jsonl"
@@ -519,13 +521,7 @@ def main() -> None:
             "packed_scores": sum(r["tokens"] ** 2 for r in packed)}  # micro 1: a step is one row, no padding
     results["load_avg_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - started
-    text = report(results)
-    results["markdown"] = text
-    out = Path(args.out) if args.out else work / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("\n" + text)
-    print(f"everything (per-step values of both sides, logs, commands): {out}")
+    publish(results, report(results), args.out, work, "per-step values of both sides, logs, commands")
 
 
 if __name__ == "__main__":
