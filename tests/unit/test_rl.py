@@ -306,9 +306,11 @@ def assert_same_grads(a, b, rel):
 # depended on the split would be off by 1e-3 or more (bnpo below). The shared-prefix layout (each prompt's forward
 # once for its group, the completions on its cache) against whole rows one at a time: the LM head's softmax is fp32
 # whatever the model's dtype, so fp32 rounding shows even in fp64 (measured: 8e-8).
-INVARIANCE = [*((lt, beta, torch.float32, False, 2e-5) for lt in ("grpo", "dapo", "dr_grpo") for beta in (0.0, 0.04)),
+# fp32: rounding of differently shaped matmuls, up to 2.3e-5 of the largest gradient with ATEN_CPU_CAPABILITY=avx2
+# (measured): 1e-4; fp64 shows the normalisation itself is exact
+INVARIANCE = [*((lt, beta, torch.float32, False, 1e-4) for lt in ("grpo", "dapo", "dr_grpo") for beta in (0.0, 0.04)),
               *((lt, 0.04, torch.float64, False, 1e-12) for lt in ("grpo", "dapo", "dr_grpo")),
-              ("dapo", 0.04, torch.float32, True, 2e-5), ("grpo", 0.0, torch.float64, True, 1e-6)]
+              ("dapo", 0.04, torch.float32, True, 1e-4), ("grpo", 0.0, torch.float64, True, 1e-6)]
 
 
 @pytest.mark.parametrize("loss_type,beta,dtype,shared_prefix,rel", INVARIANCE,
